@@ -1,0 +1,32 @@
+# kflift: `make run` runs the pipeline on the default dataset, `make test` runs the tests.
+# Both create .venv (Python 3.11) and install kflift with pinned dependencies when needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: run test compile ui bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/kflift run $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest tests $(ARGS)
+
+compile: $(BIN)/.installed
+	$(BIN)/kflift compile -o pipeline.yaml
+
+ui: $(BIN)/.installed
+	$(BIN)/kflift ui
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) kflift-output pipeline.yaml

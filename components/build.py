@@ -1,0 +1,76 @@
+"""build: the Keras 3 model — the seed's small CNN and configurable variants.
+
+The last layer before the classifier head is named `features`, so a trained model can serve
+as a backbone for transfer learning (see finetune).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers, regularizers
+
+APPLICATIONS = {
+    "mobilenetv2": "MobileNetV2",
+    "resnet50": "ResNet50",
+    "vgg16": "VGG16",
+    "efficientnetb0": "EfficientNetB0",
+}
+
+
+def classifier_head(x, num_classes: int, name: str = "output"):
+    """Binary tasks get one sigmoid unit, multi-class tasks a softmax."""
+    if num_classes == 2:
+        return layers.Dense(1, activation="sigmoid", name=name)(x)
+    return layers.Dense(num_classes, activation="softmax", name=name)(x)
+
+
+def application_backbone(architecture: str, image_size: int, weights: str | None) -> keras.Model:
+    """A Keras Applications backbone without its top, pooled to a feature vector."""
+    cls = getattr(keras.applications, APPLICATIONS[architecture])
+    return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg")
+
+
+def build_model(
+    image_size: int,
+    num_classes: int,
+    architecture: str = "cnn",
+    width: float = 1.0,
+    dropout: float = 0.0,
+    l2: float = 0.0,
+    seed: int = 42,
+) -> keras.Model:
+    """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model."""
+    keras.utils.set_random_seed(seed)
+    reg = regularizers.L2(l2) if l2 > 0 else None
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    if architecture == "cnn":
+        x = inputs
+        for i, filters in enumerate((32, 64), start=1):
+            x = layers.Conv2D(max(1, round(filters * width)), 3, padding="same", activation="relu",
+                              kernel_regularizer=reg, name=f"conv{i}")(x)
+            x = layers.MaxPooling2D(name=f"pool{i}")(x)
+        x = layers.Flatten(name="flatten")(x)
+        x = layers.Dense(max(1, round(64 * width)), activation="relu", kernel_regularizer=reg,
+                         name="features")(x)
+    else:
+        backbone = application_backbone(architecture, image_size, weights=None)
+        x = layers.Identity(name="features")(backbone(inputs))
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = classifier_head(x, num_classes)
+    return keras.Model(inputs, outputs, name=f"{architecture}")
+
+
+def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: float = 1.0,
+          dropout: float = 0.0, l2: float = 0.0, seed: int = 42) -> dict:
+    """Build the model for a dataset (size and classes from augment's meta) and save it."""
+    from kflift.components.data import read_meta, save_model
+
+    meta = read_meta(dataset_dir)
+    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l2, seed)
+    save_model(model, Path(output_path))
+    return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l2": l2,
+                       "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
+            "metrics": {"parameters": model.count_params()},
+            "artifacts": {}}

@@ -1,0 +1,161 @@
+"""Image folders in, transformed TFRecords out: the data helpers every stage shares.
+
+Nothing here imports tf.Transform: it switches tf.keras to Keras 2 in the importing process,
+and the model stages use Keras 3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+META_FILE = "meta.json"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the path and the problem."""
+
+
+def list_image_folder(
+    data_dir: str | Path, include: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, list[Path]]:
+    """Map each class (sub-folder name) to its files, sorted, after include/exclude filters."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
+    for name, wanted in (("include", include), ("exclude", exclude)):
+        missing = sorted(set(wanted or []) - set(classes))
+        if missing:
+            raise DataError(f"{root}: {name}d classes {missing} are not sub-folders (found {classes})")
+    if include:
+        classes = [c for c in classes if c in include]
+    classes = [c for c in classes if c not in set(exclude or [])]
+    folder = {
+        c: sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith("."))
+        for c in classes
+    }
+    empty = [c for c, files in folder.items() if not files]
+    if empty:
+        raise DataError(f"{root}: class folder(s) {empty} hold no files")
+    if len(folder) < 2:
+        raise DataError(f"{root}: needs at least 2 classes, found {len(folder)} ({classes})")
+    return folder
+
+
+def write_digits_folder(target: str | Path) -> Path:
+    """scikit-learn's 8x8 digits as a real PNG image folder, written once (atomically)."""
+    target = Path(target)
+    if (target / ".complete").exists():
+        return target
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".digits-"))
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        (tmp / str(label)).mkdir(exist_ok=True)
+        img = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img, mode="L").save(tmp / str(label) / f"{i:04d}.png")
+    (tmp / ".complete").write_text("")
+    if target.exists():  # a half-written folder from a killed run
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def publish_dir(work: Path, output: Path) -> None:
+    """Move a finished folder into place in one rename: no half output is ever visible."""
+    import shutil
+
+    output = Path(output)
+    if output.is_dir():
+        shutil.rmtree(output)
+    elif output.exists():
+        output.unlink()
+    os.replace(work, output)
+
+
+def staging_dir(output: str | Path) -> Path:
+    """A fresh sibling folder to build an output in before `publish_dir`."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-partial-"))
+
+
+MODEL_FILE = "model.keras"
+
+
+def save_model(model, model_dir: str | Path) -> Path:
+    """Save a Keras model as `<dir>/model.keras`, atomically."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".partial-{os.getpid()}.keras"
+    model.save(tmp)
+    os.replace(tmp, model_dir / MODEL_FILE)
+    return model_dir / MODEL_FILE
+
+
+def load_model(model_dir: str | Path):
+    import keras
+
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise DataError(f"no model at {path}")
+    return keras.models.load_model(path)
+
+
+def read_meta(dataset_dir: str | Path) -> dict:
+    """The augment stage's description of its output: image size, classes, counts."""
+    path = Path(dataset_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{dataset_dir}: no {META_FILE}; is this an augment stage output?")
+    return json.loads(path.read_text())
+
+
+def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """A tf.data pipeline of (image, label) batches from the transformed TFRecords."""
+    import tensorflow as tf
+
+    meta = read_meta(dataset_dir)
+    size = meta["image_size"]
+    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("*.tfrecord.gz"))
+    if not files:
+        raise DataError(f"{dataset_dir}/{split}: no TFRecord shards")
+    spec = {
+        "image": tf.io.FixedLenFeature([size, size, 3], tf.float32),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse(batch):
+        ex = tf.io.parse_example(batch, spec)
+        return ex["image"], ex["label"]
+
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    # Parse in large batches (fast), then cache the decoded split: small datasets fit in memory.
+    ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
+    if shuffle:
+        ds = ds.shuffle(20_000, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def split_size(dataset_dir: str | Path, split: str) -> int:
+    return int(read_meta(dataset_dir)["stats"]["written"]["by_split"].get(split, 0))

@@ -1,0 +1,95 @@
+"""evaluate: held-out metrics of every candidate, side by side, a quality gate, and the winner."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+from kflift.components import plots
+from kflift.components.data import load_model, load_split, publish_dir, read_meta, staging_dir, write_json
+
+
+def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):
+    """Class probabilities (n, classes) and true labels of a split."""
+    model = load_model(model_dir)
+    probs, labels = [], []
+    for images, y in load_split(dataset_dir, split, batch_size):
+        probs.append(model.predict_on_batch(images))
+        labels.append(y.numpy())
+    p = np.concatenate(probs)
+    if p.shape[1] == 1:  # one sigmoid unit: P(class 1)
+        p = np.concatenate([1 - p, p], axis=1)
+    return p, np.concatenate(labels)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
+    pred = probs.argmax(axis=1)
+    average = "binary" if probs.shape[1] == 2 else "macro"
+    out = {
+        "accuracy": skm.accuracy_score(labels, pred),
+        "precision": skm.precision_score(labels, pred, average=average, zero_division=0),
+        "recall": skm.recall_score(labels, pred, average=average, zero_division=0),
+        "f1": skm.f1_score(labels, pred, average=average, zero_division=0),
+    }
+    if probs.shape[1] == 2 and len(set(labels)) == 2:
+        out["roc_auc"] = skm.roc_auc_score(labels, probs[:, 1])
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metric: str = "accuracy",
+             min_metric: float = 0.0, baseline: str = "baseline") -> dict:
+    """Score each candidate model on the test split; the best that passes the gate wins."""
+    meta = read_meta(dataset_dir)
+    labels = meta["labels"]
+    work = staging_dir(output_dir)
+    scores, matrices = {}, {}
+    for name, model_dir in candidates.items():
+        probs, y = predict(model_dir, dataset_dir)
+        scores[name] = classification_metrics(probs, y)
+        matrices[name] = skm.confusion_matrix(y, probs.argmax(axis=1), labels=range(len(labels)))
+        plots.confusion_matrix(matrices[name], labels, work / f"confusion_{name}.png", f"{name}: test split")
+    base_score = scores.get(baseline, {}).get(metric)
+    gate = {}
+    for name, s in scores.items():
+        reasons = []
+        if s[metric] < min_metric:
+            reasons.append(f"{metric} {s[metric]:.3f} < minimum {min_metric:.3f}")
+        if name != baseline and base_score is not None and s[metric] <= base_score:
+            reasons.append(f"does not beat the baseline ({s[metric]:.3f} <= {base_score:.3f})")
+        gate[name] = {"passed": not reasons, "reasons": reasons}
+    passing = [n for n in scores if gate[n]["passed"]]
+    winner = max(passing, key=lambda n: scores[n][metric]) if passing else None
+    if winner:
+        shutil.copytree(candidates[winner], work / "champion")
+    plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
+    table = comparison_table(scores, gate, metric, baseline, winner)
+    (work / "comparison.md").write_text(table)
+    report = {"candidates": scores, "gate": gate, "winner": winner, "metric": metric, "labels": labels,
+              "confusion_matrices": {n: m.tolist() for n, m in matrices.items()},
+              "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1)))}
+    write_json(work / "report.json", report)
+    publish_dir(work, Path(output_dir))
+    out = Path(output_dir)
+    return {
+        "params": {"metric": metric, "min_metric": min_metric, "baseline": baseline,
+                   "candidates": list(candidates)},
+        "metrics": {f"{n}.{k}": v for n, s in scores.items() for k, v in s.items()},
+        "artifacts": {"plots": out, "report": out / "report.json"},
+        "report": report,
+    }
+
+
+def comparison_table(scores: dict, gate: dict, metric: str, baseline: str, winner: str | None) -> str:
+    keys = sorted({k for s in scores.values() for k in s}, key=["accuracy", "precision", "recall", "f1",
+                                                                  "roc_auc"].index)
+    base = scores.get(baseline, {}).get(metric)
+    lines = [f"| candidate | {' | '.join(keys)} | lift vs {baseline} ({metric}) | gate |",
+             "|---" * (len(keys) + 3) + "|"]
+    for name, s in scores.items():
+        lift = "" if base is None or name == baseline else f"{s[metric] - base:+.3f}"
+        mark = "**winner**" if name == winner else ("passed" if gate[name]["passed"] else
+                                                    "failed: " + "; ".join(gate[name]["reasons"]))
+        lines.append(f"| {name} | {' | '.join(f'{s[k]:.3f}' for k in keys)} | {lift} | {mark} |")
+    return "\n".join(lines) + "\n"

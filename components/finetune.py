@@ -1,0 +1,102 @@
+"""finetune: transfer learning — a pretrained backbone, frozen under a new head, then its top
+layers unfrozen at a lower learning rate.
+
+The backbone comes from a model this pipeline pretrained on a source task (`weights="pipeline"`),
+from Keras Applications with ImageNet weights (the real download path), or from a local
+weights file.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from kflift.components import plots
+from kflift.components.build import application_backbone, classifier_head
+from kflift.components.data import (DataError, load_model, publish_dir, read_meta, save_model,
+                                    split_size, staging_dir, write_json)
+from kflift.components.train import fit
+
+
+def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: str | None) -> keras.Model:
+    """The feature extractor: everything up to the `features` layer of a model."""
+    if weights == "pipeline":
+        if not pretrained_dir:
+            raise DataError("finetune: weights=pipeline needs the pretrained model of this run")
+        model = load_model(pretrained_dir)
+        return keras.Model(model.inputs, model.get_layer("features").output, name="backbone")
+    if backbone == "cnn":
+        raise DataError("finetune: the 'cnn' backbone has no ImageNet weights; "
+                        "use transfer.weights=pipeline or a Keras Applications backbone")
+    try:
+        return application_backbone(backbone, image_size, weights=weights)
+    except Exception as exc:  # noqa: BLE001 - download errors come in many types
+        if weights == "imagenet":
+            raise DataError(
+                f"finetune: could not download ImageNet weights for {backbone} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline? Set transfer.source_classes or "
+                "transfer.source_dir (weights=pipeline), or transfer.weights=/path/to/weights.h5") from None
+        raise DataError(f"finetune: cannot load weights file {weights} into {backbone}: {exc}") from None
+
+
+def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
+    """Make the top `n` weighted layers trainable; BatchNorm stays frozen (inference mode)."""
+    backbone.trainable = True
+    weighted = [l for l in backbone.layers if l.weights]
+    top = weighted[-n:] if n > 0 else []
+    for layer in backbone.layers:
+        layer.trainable = layer in top and not isinstance(layer, layers.BatchNormalization)
+    return [l.name for l in top if l.trainable]
+
+
+def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, weights: str = "pipeline",
+             backbone: str = "cnn", head_units: int = 256, frozen_epochs: int = 5, finetune_epochs: int = 5,
+             unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
+             patience: int = 3, seed: int = 42) -> dict:
+    start = time.time()
+    meta = read_meta(dataset_dir)
+    keras.utils.set_random_seed(seed)
+    base = load_backbone(weights, backbone, meta["image_size"], pretrained_dir)
+    base.trainable = False
+    inputs = keras.Input(base.input_shape[1:], name="image")
+    x = base(inputs, training=False)  # BatchNorm in inference mode in both phases
+    if len(x.shape) > 2:
+        x = layers.Flatten(name="flatten_head")(x)
+    x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(0.5, name="head_dropout")(x)
+    model = keras.Model(inputs, classifier_head(x, meta["num_classes"]), name=f"transfer_{backbone}")
+
+    work = staging_dir(output_dir)
+    frozen_before = [w.numpy().copy() for w in base.weights]
+    history = fit(model, dataset_dir, work, epochs=frozen_epochs, batch_size=batch_size,
+                  learning_rate=learning_rate, patience=patience, seed=seed, phase="frozen")
+    frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
+    unfrozen = unfreeze_top(base, unfreeze)
+    if finetune_epochs > 0 and unfrozen:
+        history += fit(model, dataset_dir, work, epochs=finetune_epochs, batch_size=batch_size,
+                       learning_rate=learning_rate * lr_factor, patience=patience, seed=seed, phase="finetune")
+    seconds = time.time() - start
+    save_model(model, work)
+    curve = plots.learning_curve(_merged_phases(history), work / "learning_curve.png",
+                                 f"transfer ({backbone}): frozen then fine-tuned")
+    write_json(work / "history.json", history)
+    publish_dir(work, Path(output_dir))
+    out = Path(output_dir)
+    return {
+        "params": {"weights": weights, "backbone": backbone, "head_units": head_units,
+                   "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
+                   "unfrozen_layers": unfrozen, "learning_rate": learning_rate,
+                   "finetune_learning_rate": learning_rate * lr_factor},
+        "metrics": {"epochs_run": len(history), "frozen_weights_changed_in_phase1": int(frozen_changed),
+                    "train_images_per_second": split_size(dataset_dir, "train") * len(history) / seconds,
+                    **{f"final_{k}": v for k, v in _merged_phases(history)[-1].items()}},
+        "history": history,
+        "artifacts": {"plots": out / curve.name, "model": out / "model.keras", "history": out / "history.json"},
+    }
+
+
+def _merged_phases(history: list[dict]) -> list[dict]:
+    """Drop the phase prefix so both phases plot as one continuous curve."""
+    return [{k.split("_", 1)[1]: v for k, v in e.items()} for e in history]

@@ -1,0 +1,195 @@
+"""MLflow layout: one parent run per pipeline run, one nested run per stage or candidate.
+
+This is the only module that talks to MLflow. Stages return a result dict
+(`params`, `metrics`, `history`, `artifacts`) and `stage_run` logs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+RUN_ID_TAG = "kflift.run_id"
+STAGE_TAG = "kflift.stage"
+STAGE_SECONDS = "stage_seconds"  # the stage function's own work
+PROCESS_SECONDS = "process_seconds"  # from its process start: interpreter, imports, tracking too
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or written."""
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    # Fail fast when a server is down, instead of MLflow's long default retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Artifacts beside the SQLite file, not in the current directory.
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_parent_run(tracking_uri: str, experiment: str, run_id: str, params: dict) -> str:
+    """Create the pipeline run's parent MLflow run; returns its MLflow id."""
+    try:
+        client = _client(tracking_uri)
+        exp_id = _experiment_id(client, experiment, tracking_uri)
+        run = client.create_run(exp_id, run_name=f"kflift-{run_id}", tags={RUN_ID_TAG: run_id})
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the user needs one message
+        raise TrackingError(f"MLflow tracking store {tracking_uri} is not usable: {_first_line(exc)}") from None
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_summary(tracking_uri: str, mlflow_run_id: str, summary_path: Path, metrics: dict) -> None:
+    """The pipeline run's summary and headline metrics on its parent run."""
+    StageRun(_client(tracking_uri), mlflow_run_id).log({"metrics": metrics, "artifacts": {"summary": summary_path}})
+
+
+def end_run(tracking_uri: str, mlflow_run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(mlflow_run_id, status)
+
+
+class StageRun:
+    """Handle on a nested run: `log(result)` records a stage's result dict."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log(self, result: dict) -> None:
+        from mlflow.entities import Metric
+
+        _log_params(self.client, self.run_id, result.get("params", {}))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in _flat(result.get("metrics", {})).items()
+                   if isinstance(v, (int, float))]
+        for step, epoch in enumerate(result.get("history", [])):
+            metrics += [Metric(k, float(v), now, step) for k, v in epoch.items()]
+        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+        for name, path in result.get("artifacts", {}).items():
+            path = Path(path)
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path=name)
+            elif path.exists():
+                self.client.log_artifact(self.run_id, str(path), artifact_path=name if "/" in name else None)
+
+
+def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """The parent run tagged with this pipeline run id (a cluster run has no driver to make it)."""
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, experiment, tracking_uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else start_parent_run(tracking_uri, experiment, run_id, {})
+
+
+@contextlib.contextmanager
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str = "kflift", run_id: str = ""):
+    """A nested MLflow run around one stage; records wall seconds and FAILED on error.
+
+    Without a `parent_run_id` the parent is found (or made) by the pipeline `run_id`.
+    """
+    start = time.time()
+    client = _client(tracking_uri)
+    try:
+        if not parent_run_id:
+            parent_run_id = find_or_start_parent_run(tracking_uri, experiment, run_id)
+        parent = client.get_run(parent_run_id)
+        run = client.create_run(
+            parent.info.experiment_id, run_name=stage,
+            tags={"mlflow.parentRunId": parent_run_id, STAGE_TAG: stage,
+                  RUN_ID_TAG: parent.data.tags.get(RUN_ID_TAG, "")})
+    except Exception as exc:  # noqa: BLE001
+        raise TrackingError(f"stage {stage}: MLflow store {tracking_uri} is not usable: {_first_line(exc)}") from None
+    handle = StageRun(client, run.info.run_id)
+    try:
+        yield handle
+    except BaseException:
+        client.log_metric(run.info.run_id, STAGE_SECONDS, time.time() - start)
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.log_metric(run.info.run_id, STAGE_SECONDS, time.time() - start)
+    client.log_metric(run.info.run_id, PROCESS_SECONDS, time.time() - _process_start())
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, **kwargs) -> dict:
+    """Run a stage function inside its nested MLflow run and log what it returns.
+
+    `tracking` holds uri, parent_run_id, experiment and run_id; `kfp_metrics` is any object with
+    `log_metric` (a KFP Metrics artifact) that receives the scalar metrics too.
+    """
+    with stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage,
+                   tracking.get("experiment", "kflift"),
+                   tracking.get("run_id") or tracking.get("job_id", "")) as run:
+        result = fn(**kwargs)
+        run.log(result)
+    if kfp_metrics is not None:
+        for key, value in _flat(result.get("metrics", {})).items():
+            if isinstance(value, (int, float)):
+                kfp_metrics.log_metric(key, float(value))
+    return result
+
+
+def _process_start() -> float:
+    """When this process started (Linux /proc), so the interpreter and imports count too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
+    """The nested runs of a pipeline run: stage name -> {run_id, status, metrics}."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags.get(STAGE_TAG, r.info.run_name): {"run_id": r.info.run_id, "status": r.info.status,
+                                                            "metrics": dict(r.data.metrics)} for r in runs}
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in _flat(params).items()]
+    for i in range(0, len(flat), 90):
+        client.log_batch(run_id, params=flat[i:i + 90])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts -> dotted keys; lists become comma-separated strings; None is dropped."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(map(str, v))
+        elif v is not None:
+            out[key] = v
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

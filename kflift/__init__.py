@@ -1,0 +1,2 @@
+"""kflift: lift an image classifier with a Kubeflow pipeline."""
+__version__ = "0.1.0"

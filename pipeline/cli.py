@@ -1,0 +1,111 @@
+"""kflift command line: run | compile | ui."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kflift.pipeline.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (sections as in pipeline/config.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kflift", description=(
+        "Lift an image classifier's quality with a Kubeflow pipeline: augment (Beam + tf.Transform), "
+        "build, train with regularization, fine-tune a pretrained backbone, evaluate; tracked in MLflow."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)",
+                         description="Run the whole DAG locally and print the winner and summary path.")
+    run.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class "
+                     "(default: scikit-learn's digits written as PNGs under the output folder)")
+    run.add_argument("--output", metavar="DIR", help="where runs, data and the MLflow store go "
+                     "(default: ./kflift-output)")
+    run.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                     "(default: a SQLite store under the output folder)")
+    run.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                     help="subprocess: every stage in this environment (default); docker: in its image")
+    _config_args(run)
+
+    comp = sub.add_parser("compile", help="write the KFP pipeline YAML for a cluster",
+                          description="Compile the pipeline to KFP IR YAML (images and GPU requests from config).")
+    comp.add_argument("-o", "--output", default="pipeline.yaml", metavar="FILE", help="YAML path")
+    _config_args(comp)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the run store (loopback)",
+                        description="Serve the MLflow UI for the local store and print its URL.")
+    ui.add_argument("--output", metavar="DIR", default="kflift-output", help="the run output folder")
+    ui.add_argument("--tracking-uri", metavar="URI", help="store to show (default: the output's SQLite store)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kflift: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from kflift.components.data import DataError
+    from kflift.components.tracking import TrackingError
+    from kflift.pipeline.local_run import StageFailed, run_local
+
+    overrides = list(args.overrides)
+    for key, value in (("data", args.data), ("output", args.output), ("tracking_uri", args.tracking_uri)):
+        if value:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    try:
+        summary = run_local(cfg, runner=args.runner)
+    except (DataError, TrackingError, StageFailed, NotImplementedError) as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+    best = summary["candidates"].get(summary["winner"] or "", {})
+    print(f"\nwinner: {summary['winner']} ({', '.join(f'{k}={v:.3f}' for k, v in best.items())})")
+    print(f"summary: {summary['path']}")
+    if summary["tracking_uri"].startswith("sqlite:"):
+        print(f"MLflow: kflift ui --output {Path(cfg.output)}   (then open http://127.0.0.1:5000)")
+    else:
+        print(f"MLflow: {summary['tracking_uri']}")
+    return 0
+
+
+def _compile(args) -> int:
+    from kfp import compiler
+
+    from kflift.pipeline.pipeline import make_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    compiler.Compiler().compile(make_pipeline(cfg), args.output)
+    print(f"pipeline written: {args.output}")
+    return 0
+
+
+def _ui(args) -> int:
+    import subprocess
+
+    from kflift.components.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(args.output)
+    print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"run": _run, "compile": _compile, "ui": _ui}
+
+if __name__ == "__main__":
+    sys.exit(main())

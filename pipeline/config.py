@@ -1,0 +1,185 @@
+"""The one config schema: defaults, YAML loading and `--set key=value` overrides.
+
+Every knob of the pipeline lives here; stages receive plain values taken from it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(_Section):
+    image_size: int = Field(32, ge=8, le=512, description="images are resized to this square size")
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    copies: int = Field(2, ge=0, le=50, description="augmented copies of each training image")
+    flip: bool = True
+    crop_fraction: float = Field(0.1, ge=0.0, le=0.5, description="pad-and-crop shift, share of the side")
+    rotation: float = Field(10.0, ge=0.0, le=180.0, description="random rotation, +/- degrees")
+    jitter: float = Field(0.1, ge=0.0, lt=1.0, description="brightness/contrast/saturation jitter")
+    shards: int = Field(2, ge=1, le=1024)
+    num_workers: int = Field(1, ge=1, le=64, description="local Beam workers")
+    max_pixels: int = Field(50_000_000, ge=1, description="larger images are quarantined")
+    seed: int = 42
+    beam_options: list[str] = Field(default_factory=list, description="passed through to Beam")
+
+
+class ModelConfig(_Section):
+    architecture: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
+    width: float = Field(1.0, gt=0.0, le=8.0, description="filter/unit multiplier of the CNN")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(12, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=8192)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    seed: int = 42
+
+
+class RegularizationConfig(_Section):
+    l2: float = Field(1e-4, ge=0.0, le=1.0)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    patience: int = Field(3, ge=1, description="early-stopping patience in epochs")
+
+
+class TransferConfig(_Section):
+    source_classes: list[str] = Field(
+        default_factory=list,
+        description="classes of --data held out of the target task and used to pretrain the backbone",
+    )
+    source_dir: str | None = Field(None, description="another image folder to pretrain the backbone on")
+    weights: str = Field(
+        "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', or a weights file"
+    )
+    backbone: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
+    pretrain_epochs: int = Field(10, ge=1)
+    frozen_epochs: int = Field(6, ge=1)
+    finetune_epochs: int = Field(6, ge=0)
+    unfreeze_top: int = Field(2, ge=0, description="layers of the backbone unfrozen in phase 2")
+    finetune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.source_dir and self.source_classes:
+            raise ValueError("set transfer.source_dir or transfer.source_classes, not both")
+        if self.weights == "pipeline" and not (self.source_dir or self.source_classes):
+            raise ValueError(
+                "transfer.weights=pipeline needs transfer.source_classes or transfer.source_dir "
+                "(or set transfer.weights=imagenet or a weights file)"
+            )
+        return self
+
+
+class EvaluateConfig(_Section):
+    metric: Literal["accuracy", "f1", "precision", "recall"] = "accuracy"
+    min_metric: float = Field(0.0, ge=0.0, le=1.0, description="quality gate")
+
+
+class ImagesConfig(_Section):
+    cpu: str = "kflift-cpu:0.1.0"
+    gpu: str = "kflift-gpu:0.1.0"
+
+
+class ResourcesConfig(_Section):
+    gpu_accelerator: str = "nvidia.com/gpu"
+    gpu_limit: int = Field(1, ge=0)
+    gpu_node_label: str = "nvidia.com/gpu.present"
+    gpu_node_value: str = "true"
+    train_cpu: str = "4"
+    train_memory: str = "16G"
+
+
+class Config(_Section):
+    data: str | None = Field(None, description="image folder (sub-folder = class); default: digits")
+    output: str = "kflift-output"
+    experiment: str = "kflift"
+    tracking_uri: str | None = Field(None, description="default: SQLite store under the output")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    transfer: TransferConfig = Field(
+        default_factory=lambda: TransferConfig(source_classes=["0", "1", "2", "3", "4"])
+    )
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError, origin: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return ConfigError(f"invalid config ({origin}):\n" + "\n".join(lines))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML)."""
+    tree: dict = Config().model_dump(mode="json")
+    origin = "defaults"
+    given: set[str] = set()  # dotted keys the user set, to resolve the transfer default below
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        tree = _merge(tree, loaded)
+        given |= {f"{k}.{sub}" for k, v in loaded.items() if isinstance(v, dict) for sub in v}
+        origin = str(path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str) and "," in value and key.endswith(("classes", "options")):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if key.endswith("classes") and isinstance(value, (list, int)):
+            value = [str(v) for v in (value if isinstance(value, list) else [value])]
+        _set_dotted(tree, key.strip(), value)
+        given.add(key.strip())
+        origin += f" + --set {key}"
+    # The held-out-digits default only stands while the user names no other source.
+    if given & {"transfer.source_dir", "transfer.weights"} and "transfer.source_classes" not in given:
+        tree["transfer"]["source_classes"] = []
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(err, origin) from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            # A section given in YAML replaces the default's values key by key.
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,91 @@
+"""Run the pipeline on this machine with kfp.local, tracked under one MLflow parent run."""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+
+from kflift.components import tracking
+from kflift.components.data import DataError, list_image_folder, write_digits_folder, write_json
+from kflift.pipeline.config import Config
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed; the message names it and where its log is."""
+
+
+def resolve_data(cfg: Config) -> tuple[str, str]:
+    """The target and transfer-source folders, checked before anything runs."""
+    output = Path(cfg.output).resolve()
+    data_dir = Path(cfg.data).resolve() if cfg.data else write_digits_folder(output / "datasets" / "digits")
+    tx = cfg.transfer
+    list_image_folder(data_dir, exclude=tx.source_classes if tx.weights == "pipeline" else None)
+    if tx.weights == "pipeline":
+        if tx.source_dir:
+            list_image_folder(tx.source_dir)
+        else:
+            list_image_folder(data_dir, include=tx.source_classes)
+    return str(data_dir), str(Path(tx.source_dir).resolve()) if tx.source_dir else str(data_dir)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def run_local(cfg: Config, runner: str = "subprocess") -> dict:
+    """Execute the whole DAG locally; returns the summary (also written as summary.json)."""
+    import kfp.local
+
+    from kflift.pipeline.pipeline import make_pipeline
+
+    output = Path(cfg.output).resolve()
+    data_dir, source_dir = resolve_data(cfg)
+    run_id = new_run_id()
+    print(f"run id: {run_id}", flush=True)
+    run_dir = output / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
+    parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
+                                       {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
+    if runner != "subprocess":
+        raise NotImplementedError("--runner docker: see the containers issue")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"))
+    start = time.time()
+    try:
+        task = make_pipeline(cfg)(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
+                                        parent_run_id=parent, run_id=run_id)
+    except BaseException as exc:
+        tracking.end_run(tracking_uri, parent, "FAILED")
+        failed = [s for s, r in tracking.stage_runs(tracking_uri, parent).items() if r["status"] == "FAILED"]
+        raise StageFailed(f"stage {', '.join(failed) or '(unknown)'} failed: {exc}. Its log is above; "
+                          f"outputs so far are under {run_dir}") from None
+    wall = time.time() - start
+    evaluation = Path(task.output.path)
+    report = json.loads((evaluation / "report.json").read_text())
+    runs = tracking.stage_runs(tracking_uri, parent)
+    stages = {s: r["metrics"].get(tracking.PROCESS_SECONDS) for s, r in runs.items()}
+    summary = {
+        "run_id": run_id,
+        "mlflow_run_id": parent,
+        "tracking_uri": tracking_uri,
+        "data": data_dir,
+        "stages": stages,
+        "stage_work_seconds": {s: r["metrics"].get(tracking.STAGE_SECONDS) for s, r in runs.items()},
+        "wall_seconds": wall,
+        "orchestration_overhead": (wall - sum(v or 0 for v in stages.values())) / wall,
+        "candidates": report["candidates"],
+        "gate": report["gate"],
+        "winner": report["winner"],
+        "champion_model": str(evaluation / "champion") if report["winner"] else None,
+    }
+    write_json(run_dir / "summary.json", summary)
+    tracking.log_summary(tracking_uri, parent, run_dir / "summary.json",
+                         {"wall_seconds": wall, **{f"{report['winner']}.{k}": v for k, v in
+                                                   report["candidates"].get(report["winner"] or "", {}).items()}})
+    tracking.end_run(tracking_uri, parent, "FINISHED")
+    summary["path"] = str(run_dir / "summary.json")
+    return summary
+
+
+__all__ = ["DataError", "StageFailed", "resolve_data", "run_local"]

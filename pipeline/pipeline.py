@@ -1,0 +1,72 @@
+"""The kflift DAG: image folder -> augment -> (build -> train) x candidates -> finetune -> evaluate.
+
+`make_pipeline(cfg)` returns the KFP pipeline with every setting of the config bound in; only
+where the data is and where tracking goes stay pipeline parameters.
+"""
+from kfp import dsl, kubernetes
+
+from kflift.pipeline.config import Config
+from kflift.pipeline.steps import make_components
+
+
+def make_pipeline(cfg: Config):
+    ops = make_components(cfg.images.cpu, cfg.images.gpu)
+    aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
+    augment_args = dict(
+        image_size=aug.image_size, val_fraction=aug.val_fraction, test_fraction=aug.test_fraction,
+        copies=aug.copies, flip=aug.flip, crop_fraction=aug.crop_fraction, rotation=aug.rotation,
+        jitter=aug.jitter, shards=aug.shards, num_workers=aug.num_workers, max_pixels=aug.max_pixels,
+        seed=aug.seed, beam_options=aug.beam_options)
+    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, seed=tr.seed)
+    has_source = tx.weights == "pipeline"
+
+    @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
+    def kflift(data_dir: str, source_dir: str, tracking_uri: str = "", parent_run_id: str = "",
+               experiment: str = cfg.experiment, run_id: str = "") -> dsl.Artifact:
+        # Without a run id (a cluster run), stages group their MLflow runs under the KFP job id.
+        tracking = {"uri": tracking_uri, "experiment": experiment, "parent_run_id": parent_run_id,
+                    "run_id": run_id, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        target = ops.augment(tracking=tracking, stage="augment", data_dir=data_dir, include_classes=[],
+                             exclude_classes=tx.source_classes, **augment_args)
+
+        def build_and_train(name, dataset, dropout, l2, patience, epochs):
+            built = ops.build(tracking=tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
+                              architecture=cfg.model.architecture, width=cfg.model.width,
+                              dropout=dropout, l2=l2, seed=tr.seed)
+            return on_gpu(ops.train(tracking=tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
+                                    untrained=built.outputs["model"], epochs=epochs, patience=patience,
+                                    **fit_args), cfg)
+
+        baseline = build_and_train("baseline", target, dropout=0.0, l2=0.0, patience=0, epochs=tr.epochs)
+        regularized = build_and_train("regularized", target, dropout=reg.dropout, l2=reg.l2,
+                                      patience=reg.patience, epochs=tr.epochs)
+
+        pretrained = {}
+        if has_source:
+            # After the target's augment: on a cluster the first stage creates the MLflow parent run.
+            source = ops.augment(tracking=tracking, stage="augment-source", data_dir=source_dir,
+                                 include_classes=[] if tx.source_dir else tx.source_classes,
+                                 exclude_classes=[], **augment_args).after(target)
+            pretrained = {"pretrained": build_and_train("backbone", source, dropout=0.0, l2=reg.l2, patience=0,
+                                                        epochs=tx.pretrain_epochs).outputs["model"]}
+        transfer = on_gpu(ops.finetune(
+            tracking=tracking, stage="finetune", dataset=target.outputs["dataset"], weights=tx.weights,
+            backbone=tx.backbone, frozen_epochs=tx.frozen_epochs, finetune_epochs=tx.finetune_epochs,
+            unfreeze=tx.unfreeze_top, lr_factor=tx.finetune_lr_factor, patience=reg.patience,
+            **fit_args, **pretrained), cfg)
+
+        return ops.evaluate(tracking=tracking, dataset=target.outputs["dataset"], baseline=baseline.outputs["model"],
+                     regularized=regularized.outputs["model"], transfer=transfer.outputs["model"],
+                     metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric).outputs["evaluation"]
+
+    return kflift
+
+
+def on_gpu(task, cfg: Config):
+    """Ask Kubernetes for a GPU node; kfp.local ignores this and runs on the CPU."""
+    res = cfg.resources
+    task.set_accelerator_type(res.gpu_accelerator).set_accelerator_limit(res.gpu_limit)
+    task.set_cpu_limit(res.train_cpu).set_memory_limit(res.train_memory)
+    kubernetes.add_node_selector(task, label_key=res.gpu_node_label, label_value=res.gpu_node_value)
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    return task

@@ -1,0 +1,88 @@
+"""Thin KFP components: each turns KFP artifacts into paths and calls one stage function.
+
+KFP ships a lightweight component's source alone into its container, so each body imports what it
+needs. `tracking` is a dict of MLflow coordinates (uri, experiment, parent_run_id, run_id).
+The images come from config: `make_components` binds them.
+"""
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, include_classes: list,
+                 exclude_classes: list, val_fraction: float, test_fraction: float, copies: int, flip: bool,
+                 crop_fraction: float, rotation: float, jitter: float, shards: int, num_workers: int,
+                 max_pixels: int, seed: int, beam_options: list,
+                 dataset: Output[Dataset], stats: Output[Metrics]):
+    from kflift.components import augment, tracking as mlf
+
+    mlf.run_stage(stage, augment.augment, tracking, stats, data_dir=data_dir, output_dir=dataset.path,
+                  image_size=image_size, include_classes=include_classes, exclude_classes=exclude_classes,
+                  val_fraction=val_fraction, test_fraction=test_fraction, copies=copies, flip=flip,
+                  crop_fraction=crop_fraction, rotation=rotation, jitter=jitter, shards=shards,
+                  num_workers=num_workers, max_pixels=max_pixels, seed=seed, beam_options=beam_options)
+
+
+def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture: str, width: float,
+               dropout: float, l2: float, seed: int, model: Output[Model]):
+    from kflift.components import build, tracking as mlf
+
+    mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
+                  architecture=architecture, width=width, dropout=dropout, l2=l2, seed=seed)
+
+
+def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,
+               batch_size: int, learning_rate: float, patience: int, seed: int,
+               model: Output[Model], metrics: Output[Metrics]):
+    from kflift.components import tracking as mlf, train
+
+    mlf.run_stage(stage, train.train, tracking, metrics, dataset_dir=dataset.path, model_dir=untrained.path,
+                  output_dir=model.path, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                  patience=patience, seed=seed, name=stage)
+
+
+def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: str, backbone: str,
+                  frozen_epochs: int, finetune_epochs: int, unfreeze: int, learning_rate: float,
+                  lr_factor: float, batch_size: int, patience: int, seed: int,
+                  model: Output[Model], metrics: Output[Metrics], pretrained: Input[Model] = None):
+    from kflift.components import finetune, tracking as mlf
+
+    mlf.run_stage(stage, finetune.finetune, tracking, metrics, dataset_dir=dataset.path, output_dir=model.path,
+                  pretrained_dir=pretrained.path if pretrained else None, weights=weights, backbone=backbone,
+                  frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,
+                  learning_rate=learning_rate, lr_factor=lr_factor, batch_size=batch_size, patience=patience,
+                  seed=seed)
+
+
+def evaluate_step(tracking: dict, dataset: Input[Dataset], baseline: Input[Model], regularized: Input[Model],
+                  transfer: Input[Model], metric: str, min_metric: float,
+                  evaluation: Output[Artifact], metrics: Output[Metrics], winner_metrics: Output[ClassificationMetrics],
+                  comparison: Output[Markdown]):
+    import shutil
+
+    from kflift.components import evaluate, tracking as mlf
+
+    candidates = {"baseline": baseline.path, "regularized": regularized.path, "transfer": transfer.path}
+    result = mlf.run_stage("evaluate", evaluate.evaluate, tracking, metrics, dataset_dir=dataset.path,
+                           candidates=candidates, output_dir=evaluation.path, metric=metric,
+                           min_metric=min_metric, baseline="baseline")
+    out = result["report"]
+    if out["winner"]:
+        winner_metrics.log_confusion_matrix(out["labels"], out["confusion_matrices"][out["winner"]])
+    shutil.copy(f"{evaluation.path}/comparison.md", comparison.path)
+
+
+def make_components(cpu_image: str, gpu_image: str) -> SimpleNamespace:
+    """The KFP components, each bound to its stage's container image."""
+    def component(fn, image):
+        # kflift is installed in the image (and in the local environment): nothing to pip install.
+        return dsl.component(fn, base_image=image, install_kfp_package=False)
+
+    return SimpleNamespace(
+        augment=component(augment_step, cpu_image),
+        build=component(build_step, cpu_image),
+        train=component(train_step, gpu_image),
+        finetune=component(finetune_step, gpu_image),
+        evaluate=component(evaluate_step, cpu_image),
+    )

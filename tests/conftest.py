@@ -1,0 +1,74 @@
+"""Shared fixtures: small real image folders and one augmented dataset reused by stage tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KFLIFT_SHARED", REPO.parent / "shared"))
+CIFAR = SHARED / "datasets" / "cifar10-vehicles"
+
+
+def copy_subset(src: Path, dst: Path, classes: list[str], per_class: int) -> Path:
+    for c in classes:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / c).iterdir())[:per_class]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not CIFAR.is_dir():
+        pytest.fail(f"shared dataset missing: {CIFAR} (CI lays ../shared beside the repo)")
+    return CIFAR
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory, cifar_dir) -> Path:
+    """automobile vs truck as target, airplane + ship as transfer source: 24 images each."""
+    return copy_subset(cifar_dir, tmp_path_factory.mktemp("cifar"), ["airplane", "automobile", "ship", "truck"], 24)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    from kflift.components.data import write_digits_folder
+
+    return write_digits_folder(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory, digits_dir) -> Path:
+    return copy_subset(digits_dir, tmp_path_factory.mktemp("tiny-digits"), [str(d) for d in range(10)], 15)
+
+
+@pytest.fixture(scope="session")
+def cifar_dataset(tmp_path_factory, tiny_cifar) -> Path:
+    """The augment stage's output for automobile vs truck, shared by the model-stage tests."""
+    from kflift.components.augment import augment
+
+    out = tmp_path_factory.mktemp("augmented") / "target"
+    augment(str(tiny_cifar), str(out), include_classes=["automobile", "truck"], copies=1,
+            val_fraction=0.2, test_fraction=0.25)
+    return out
+
+
+@pytest.fixture(scope="session")
+def source_dataset(tmp_path_factory, tiny_cifar) -> Path:
+    from kflift.components.augment import augment
+
+    out = tmp_path_factory.mktemp("augmented") / "source"
+    augment(str(tiny_cifar), str(out), include_classes=["airplane", "ship"], copies=0)
+    return out
+
+
+def kflift(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The real CLI in a child process, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "kflift.pipeline.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

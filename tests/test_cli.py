@@ -1,0 +1,53 @@
+"""The CLI refuses bad input with one clear line and a non-zero exit, never a stack trace."""
+import pytest
+
+from conftest import copy_subset, kflift
+
+
+def assert_clean_failure(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr
+
+
+def test_missing_data_folder(tmp_path):
+    proc = kflift("run", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert_clean_failure(proc, "data folder not found", str(tmp_path / "nope"))
+
+
+def test_one_class_only(tmp_path, cifar_dir):
+    data = copy_subset(cifar_dir, tmp_path / "data", ["truck"], 3)
+    proc = kflift("run", "--data", str(data), "--output", str(tmp_path / "out"),
+                  "--set", "transfer.weights=imagenet", "--set", "transfer.backbone=mobilenetv2")
+    assert_clean_failure(proc, "needs at least 2 classes", str(data))
+
+
+def test_class_folders_without_images(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+    proc = kflift("run", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                  "--set", "transfer.weights=imagenet", "--set", "transfer.backbone=mobilenetv2")
+    assert_clean_failure(proc, "hold no files", "['a', 'b']")
+
+
+def test_source_classes_must_exist_in_the_data(tmp_path, cifar_dir):
+    data = copy_subset(cifar_dir, tmp_path / "data", ["truck", "automobile"], 3)
+    proc = kflift("run", "--data", str(data), "--output", str(tmp_path / "out"))
+    # the digits demo's default source (classes 0-4) is not in this folder
+    assert_clean_failure(proc, "are not sub-folders", "'0'")
+
+
+@pytest.mark.parametrize("override, key", [("train.epochs=0", "train.epochs"),
+                                           ("augment.copies=-2", "augment.copies")])
+def test_bad_config_value(tmp_path, override, key):
+    proc = kflift("run", "--output", str(tmp_path / "out"), "--set", override)
+    assert_clean_failure(proc, key)
+    assert proc.returncode == 2
+
+
+def test_help_explains_every_option():
+    proc = kflift("run", "--help")
+    assert proc.returncode == 0
+    for option in ("--data", "--output", "--tracking-uri", "--runner", "--config", "--set"):
+        assert option in proc.stdout

@@ -1,0 +1,42 @@
+import pytest
+
+from kflift.pipeline.config import ConfigError, load_config
+
+
+def test_defaults_are_the_digits_demo():
+    cfg = load_config()
+    assert cfg.transfer.source_classes == ["0", "1", "2", "3", "4"]
+    assert cfg.transfer.weights == "pipeline"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\naugment:\n  copies: 4\n")
+    cfg = load_config(path, ["train.epochs=5", "transfer.source_classes=airplane,ship"])
+    assert (cfg.train.epochs, cfg.augment.copies) == (5, 4)
+    assert cfg.transfer.source_classes == ["airplane", "ship"]
+
+
+def test_other_source_folder_replaces_the_held_out_default(tmp_path):
+    cfg = load_config(None, [f"transfer.source_dir={tmp_path}"])
+    assert cfg.transfer.source_classes == [] and cfg.transfer.source_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=-0.1", "train.learning_rate"),
+    ("augment.copies=-1", "augment.copies"),
+    ("augment.image_size=0", "augment.image_size"),
+    ("transfer.backbone=alexnet", "transfer.backbone"),
+    ("train.epochz=3", "train.epochz"),
+])
+def test_bad_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(path)

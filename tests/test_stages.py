@@ -1,0 +1,98 @@
+"""Each stage's plain function on small real data (no KFP involved)."""
+import json
+
+import numpy as np
+
+from kflift.components import build, evaluate, finetune, train
+from kflift.components.data import load_model, load_split, read_meta
+
+
+def test_augment_writes_transformed_splits_and_accounts_for_every_file(cifar_dataset):
+    meta = read_meta(cifar_dataset)
+    stats = meta["stats"]
+    assert sorted(meta["labels"]) == ["automobile", "truck"] and meta["num_classes"] == 2
+    assert stats["read"] == 48
+    assert stats["read"] == stats["written"]["originals"] + stats["quarantined_total"] + stats["duplicates"]
+    originals = stats["written"]["originals_by_split"]
+    # one augmented copy per training image; val and test are never expanded
+    assert stats["written"]["by_split"]["train"] == 2 * originals["train"]
+    assert stats["written"]["by_split"]["test"] == originals["test"]
+    images, labels = next(iter(load_split(cifar_dataset, "train", 1000)))
+    assert images.shape[1:] == (32, 32, 3)
+    assert set(np.unique(labels.numpy())) <= {0, 1}
+    # per-channel mean/std from tf.Transform: the training split is standardized
+    pixels = images.numpy().reshape(-1, 3)
+    assert np.allclose(pixels.mean(axis=0), 0, atol=0.05) and np.allclose(pixels.std(axis=0), 1, atol=0.05)
+    assert (cifar_dataset / "transform_fn" / "transform_fn" / "saved_model.pb").exists()
+    assert (cifar_dataset / "transform_fn" / "transformed_metadata" / "schema.pbtxt").exists()
+    assert json.loads((cifar_dataset / "stats.json").read_text()) == stats
+
+
+def test_build_baseline_is_the_seed_cnn(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "m"))
+    model = load_model(tmp_path / "m")
+    names = [l.name for l in model.layers]
+    assert names == ["image", "conv1", "pool1", "conv2", "pool2", "flatten", "features", "output"]
+    assert model.get_layer("output").units == 1  # two classes: one sigmoid unit
+    assert model.get_layer("conv1").filters == 32 and model.get_layer("features").units == 64
+
+
+def test_regularized_build_carries_dropout_and_l2(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "m"), dropout=0.4, l2=1e-3)
+    model = load_model(tmp_path / "m")
+    assert model.get_layer("dropout").rate == 0.4
+    model(np.zeros((1, 32, 32, 3), "float32"))
+    assert len(model.losses) == 3  # conv1, conv2 and features kernels
+
+
+def test_train_checkpoints_each_epoch_and_logs_curves(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "untrained"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "trained"), epochs=3)
+    assert result["metrics"]["epochs_run"] == 3 and len(result["history"]) == 3
+    assert sorted(p.name for p in (tmp_path / "trained" / "checkpoints").iterdir()) == [
+        "epoch-001.keras", "epoch-002.keras", "epoch-003.keras"]
+    assert (tmp_path / "trained" / "learning_curve.png").stat().st_size > 1000
+    before = load_model(tmp_path / "untrained").get_layer("conv1").get_weights()[0]
+    after = load_model(tmp_path / "trained").get_layer("conv1").get_weights()[0]
+    assert not np.allclose(before, after)
+
+
+def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, source_dataset, tmp_path):
+    build.build(str(source_dataset), str(tmp_path / "untrained"))
+    train.train(str(source_dataset), str(tmp_path / "untrained"), str(tmp_path / "pretrained"), epochs=2)
+    result = finetune.finetune(str(cifar_dataset), str(tmp_path / "transfer"), str(tmp_path / "pretrained"),
+                               frozen_epochs=2, finetune_epochs=2, unfreeze=1, patience=0)
+    assert result["metrics"]["frozen_weights_changed_in_phase1"] == 0
+    assert result["params"]["unfrozen_layers"] == ["features"]
+    assert [k for k in result["history"][0]][0].startswith("frozen_")
+    assert any(k.startswith("finetune_") for k in result["history"][-1])
+    pretrained = load_model(tmp_path / "pretrained")
+    tuned = load_model(tmp_path / "transfer").get_layer("backbone")
+    # conv layers stayed frozen in both phases; the unfrozen top layer moved in phase 2
+    assert np.allclose(pretrained.get_layer("conv1").get_weights()[0], tuned.get_layer("conv1").get_weights()[0])
+    assert not np.allclose(pretrained.get_layer("features").get_weights()[0],
+                           tuned.get_layer("features").get_weights()[0])
+
+
+def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
+    for name, epochs in (("baseline", 1), ("better", 4)):
+        build.build(str(cifar_dataset), str(tmp_path / f"{name}-untrained"))
+        train.train(str(cifar_dataset), str(tmp_path / f"{name}-untrained"), str(tmp_path / name), epochs=epochs)
+    candidates = {"baseline": str(tmp_path / "baseline"), "better": str(tmp_path / "better")}
+    result = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "eval"))
+    report = result["report"]
+    assert set(report["candidates"]) == {"baseline", "better"}
+    for scores in report["candidates"].values():
+        assert set(scores) == {"accuracy", "precision", "recall", "f1", "roc_auc"}
+        assert 0.0 <= scores["accuracy"] <= 1.0
+    assert report["winner"] in candidates
+    best = max(report["candidates"], key=lambda n: report["candidates"][n]["accuracy"])
+    assert report["winner"] == best or not report["gate"][best]["passed"]
+    assert (tmp_path / "eval" / "confusion_better.png").exists()
+    assert (tmp_path / "eval" / "champion" / "model.keras").exists()
+    assert "| baseline |" in (tmp_path / "eval" / "comparison.md").read_text()
+
+    gated = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "gated"), min_metric=1.0)
+    if max(s["accuracy"] for s in report["candidates"].values()) < 1.0:
+        assert gated["report"]["winner"] is None
+        assert all(not g["passed"] for g in gated["report"]["gate"].values())
