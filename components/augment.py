@@ -191,8 +191,8 @@ def augment(
                    "crop_fraction": crop_fraction, "rotation": rotation, "jitter": jitter, "seed": seed,
                    "shards": shards, "num_workers": num_workers, "labels": labels},
         "metrics": {k: v for k, v in stats.items() if k != "written"} | {"written": stats["written"]},
-        "artifacts": {"stats": output / "stats.json", "quarantine": output / "quarantine.jsonl",
-                      "transform_fn": output / "transform_fn", "meta": output / META_FILE},
+        "artifacts": [(None, output / "stats.json"), (None, output / "quarantine.jsonl"),
+                      (None, output / META_FILE), ("transform_fn", output / "transform_fn")],
         "meta": meta,
     }
 

@@ -73,4 +73,4 @@ def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: 
     return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l2": l2,
                        "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
             "metrics": {"parameters": model.count_params()},
-            "artifacts": {}}
+            "artifacts": []}

@@ -76,7 +76,7 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
         "params": {"metric": metric, "min_metric": min_metric, "baseline": baseline,
                    "candidates": list(candidates)},
         "metrics": {f"{n}.{k}": v for n, s in scores.items() for k, v in s.items()},
-        "artifacts": {"plots": out, "report": out / "report.json"},
+        "artifacts": [("evaluation", out)],
         "report": report,
     }
 

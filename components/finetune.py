@@ -93,7 +93,7 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
                     "train_images_per_second": split_size(dataset_dir, "train") * len(history) / seconds,
                     **{f"final_{k}": v for k, v in _merged_phases(history)[-1].items()}},
         "history": history,
-        "artifacts": {"plots": out / curve.name, "model": out / "model.keras", "history": out / "history.json"},
+        "artifacts": [("plots", out / curve.name), ("model", out / "model.keras"), (None, out / "history.json")],
     }
 
 

@@ -58,7 +58,7 @@ def start_parent_run(tracking_uri: str, experiment: str, run_id: str, params: di
 
 def log_summary(tracking_uri: str, mlflow_run_id: str, summary_path: Path, metrics: dict) -> None:
     """The pipeline run's summary and headline metrics on its parent run."""
-    StageRun(_client(tracking_uri), mlflow_run_id).log({"metrics": metrics, "artifacts": {"summary": summary_path}})
+    StageRun(_client(tracking_uri), mlflow_run_id).log({"metrics": metrics, "artifacts": [(None, summary_path)]})
 
 
 def end_run(tracking_uri: str, mlflow_run_id: str, status: str = "FINISHED") -> None:
@@ -82,12 +82,12 @@ class StageRun:
             metrics += [Metric(k, float(v), now, step) for k, v in epoch.items()]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
-        for name, path in result.get("artifacts", {}).items():
+        for folder, path in result.get("artifacts", []):  # (MLflow folder or None for the root, path)
             path = Path(path)
             if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path=name)
+                self.client.log_artifacts(self.run_id, str(path), artifact_path=folder)
             elif path.exists():
-                self.client.log_artifact(self.run_id, str(path), artifact_path=name if "/" in name else None)
+                self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
 
 def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:

@@ -68,7 +68,7 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, b
         "metrics": {"epochs_run": len(history), "train_images_per_second": n_train * len(history) / seconds,
                     **best, **{f"final_{k}": v for k, v in history[-1].items()}},
         "history": history,
-        "artifacts": {"plots": out / curve.name, "model": out / "model.keras", "history": out / "history.json"},
+        "artifacts": [("plots", out / curve.name), ("model", out / "model.keras"), (None, out / "history.json")],
     }
 
 

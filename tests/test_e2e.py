@@ -1,0 +1,62 @@
+"""The whole DAG through kfp.local (real Beam, tf.Transform, Keras, MLflow), as a user runs it."""
+import json
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import kflift
+
+FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
+        "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
+STAGES = {"augment", "augment-source", "build-baseline", "build-regularized", "build-backbone",
+          "train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
+
+
+@pytest.mark.parametrize("dataset", ["cifar", "digits"])
+def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tmp_path):
+    if dataset == "cifar":
+        args = ["--data", str(tiny_cifar), "--set", "transfer.source_classes=airplane,ship"]
+    else:
+        args = ["--data", str(tiny_digits)]  # default demo: digits 0-4 are the transfer source
+    out = tmp_path / "out"
+    proc = kflift("run", "--output", str(out), *args, *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run_id = re.search(r"^run id: (\S+)$", proc.stdout, re.M).group(1)
+    summary_path = out / "runs" / run_id / "summary.json"
+    assert f"summary: {summary_path}" in proc.stdout
+    assert "winner:" in proc.stdout and "kflift ui --output" in proc.stdout
+    summary = json.loads(summary_path.read_text())
+    assert summary["run_id"] == run_id
+    assert set(summary["stages"]) == STAGES and all(s > 0 for s in summary["stages"].values())
+    assert set(summary["candidates"]) == {"baseline", "regularized", "transfer"}
+    assert summary["winner"] in summary["candidates"] or summary["winner"] is None
+    for metrics in summary["candidates"].values():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and "f1" in metrics
+    assert ("roc_auc" in summary["candidates"]["baseline"]) == (dataset == "cifar")
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["kflift.run_id"] == run_id
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["kflift.stage"]: r for r in children}
+    assert set(by_stage) == STAGES
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    def artifacts(stage, path=""):
+        return {a.path for a in client.list_artifacts(by_stage[stage].info.run_id, path)}
+
+    assert by_stage["augment"].data.metrics["read"] > 0
+    assert "transform_fn" in artifacts("augment") and "stats.json" in artifacts("augment")
+    assert {"model/model.keras", "plots/learning_curve.png"} <= artifacts("train-regularized", "model") | \
+        artifacts("train-regularized", "plots")
+    assert by_stage["train-regularized"].data.params["early_stopping_patience"] == "3"
+    history = client.get_metric_history(by_stage["train-baseline"].info.run_id, "accuracy")
+    assert [m.step for m in history] == [0, 1]
+    assert "frozen_weights_changed_in_phase1" in by_stage["finetune"].data.metrics
+    assert {"evaluation/confusion_baseline.png", "evaluation/comparison.md", "evaluation/report.json"} <= \
+        artifacts("evaluate", "evaluation")
+    assert by_stage["evaluate"].data.metrics["transfer.accuracy"] == summary["candidates"]["transfer"]["accuracy"]
+    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
