@@ -51,3 +51,34 @@ def test_help_explains_every_option():
     assert proc.returncode == 0
     for option in ("--data", "--output", "--tracking-uri", "--runner", "--config", "--set"):
         assert option in proc.stdout
+
+
+def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
+    """`kflift ui` starts the real MLflow UI and prints its URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kflift.pipeline.cli", "ui", "--output", str(tmp_path),
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().startswith(f"MLflow UI: http://127.0.0.1:{port}")
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    status = resp.status
+            except OSError:
+                assert proc.poll() is None, "the UI process exited"
+                time.sleep(0.5)  # polling the server's start-up, bounded by the deadline
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

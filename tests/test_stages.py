@@ -96,3 +96,21 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     if max(s["accuracy"] for s in report["candidates"].values()) < 1.0:
         assert gated["report"]["winner"] is None
         assert all(not g["passed"] for g in gated["report"]["gate"].values())
+
+
+def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_path):
+    import socket
+
+    import pytest
+
+    from kflift.components.data import DataError
+
+    try:
+        socket.getaddrinfo("storage.googleapis.com", 443)
+        pytest.skip("this machine is online: Keras would really download the ImageNet weights")
+    except OSError:
+        pass
+    with pytest.raises(DataError, match="could not download ImageNet weights for mobilenetv2") as err:
+        finetune.finetune(str(cifar_dataset), str(tmp_path / "t"), weights="imagenet", backbone="mobilenetv2")
+    assert "transfer.source_classes" in str(err.value)
+    assert not (tmp_path / "t").exists()  # nothing half-written
