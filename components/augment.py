@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
-import os
-import sys
 import shutil
 import time
 from pathlib import Path
@@ -19,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from kflift.components.data import (DataError, META_FILE, SPLITS, list_image_folder, publish_dir,
-                                    staging_dir, write_json)
+from kflift.components.data import (DataError, META_FILE, SPLITS, in_child_process, list_images,
+                                    publish_dir, staging_dir, write_json)
 
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
 # so serving the same file gives the same tensor as training.
 TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF"}
 TF_DECODABLE_MODES = {"RGB", "L"}
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 
 
 def _hash_fraction(sha: str) -> float:
@@ -61,11 +59,13 @@ def decode_image(path: str, label: str, max_pixels: int) -> dict:
             img.load()  # a truncated or corrupt file fails here
             rgb = _to_rgb(img)
     except Image.UnidentifiedImageError:
+        if data.startswith(IMAGE_SIGNATURES):  # looks like an image, but its content is broken
+            return {**base, "sha256": sha, "reason": "corrupt or truncated image: unreadable image data"}
         return {**base, "sha256": sha, "reason": "not an image"}
     except (OSError, ValueError, SyntaxError) as exc:
         return {**base, "sha256": sha, "reason": f"corrupt or truncated image: {exc}"}
-    converted = mode not in TF_DECODABLE_MODES
-    if fmt in TF_DECODABLE and not converted:
+    converted = mode != "RGB"
+    if fmt in TF_DECODABLE and mode in TF_DECODABLE_MODES:
         encoded = data
     else:
         encoded = _png_bytes(rgb)
@@ -88,38 +88,58 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def augment_image(rgb: Image.Image, rng: np.random.Generator, *, flip: bool, crop_fraction: float,
-                  rotation: float, jitter: float) -> Image.Image:
-    """One random variant of an image: pad-and-crop, rotation, flip, colour jitter."""
+DEFAULT_OPS = {
+    "crop_probability": 1.0, "crop_mode": "pad", "crop_fraction": 0.1,
+    "rotation_probability": 0.5, "rotation_degrees": 10.0,
+    "flip_probability": 0.5, "flip_horizontal": True, "flip_vertical": False,
+    "jitter_probability": 0.8, "brightness": 0.15, "contrast": 0.15, "saturation": 0.15, "hue": 0.02,
+}
+
+
+def augment_image(rgb: Image.Image, rng: np.random.Generator, ops: dict) -> Image.Image:
+    """One random variant: random crop, rotation, flip, colour jitter, each with its probability."""
+    o = {**DEFAULT_OPS, **ops}
     w, h = rgb.size
-    if crop_fraction > 0:
-        pad = max(1, round(crop_fraction * max(w, h)))
-        padded = _reflect_pad(rgb, pad)
-        dx, dy = rng.integers(0, 2 * pad + 1, size=2)
-        rgb = padded.crop((int(dx), int(dy), int(dx) + w, int(dy) + h))
-    if rotation > 0:
-        rgb = rgb.rotate(float(rng.uniform(-rotation, rotation)), resample=Image.BILINEAR)
-    if flip and rng.random() < 0.5:
+    if o["crop_fraction"] > 0 and rng.random() < o["crop_probability"]:
+        if o["crop_mode"] == "resized":  # a random sub-window of the image, scaled back up
+            scale = rng.uniform(1 - o["crop_fraction"], 1.0)
+            cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+            x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            rgb = rgb.crop((int(x), int(y), int(x) + cw, int(y) + ch)).resize((w, h), Image.BILINEAR)
+        else:  # pad by reflection, then crop back to size: a random shift
+            pad = max(1, round(o["crop_fraction"] * max(w, h)))
+            padded = Image.fromarray(np.pad(np.asarray(rgb), ((pad, pad), (pad, pad), (0, 0)), mode="reflect"))
+            dx, dy = rng.integers(0, 2 * pad + 1, size=2)
+            rgb = padded.crop((int(dx), int(dy), int(dx) + w, int(dy) + h))
+    if o["rotation_degrees"] > 0 and rng.random() < o["rotation_probability"]:
+        angle = float(rng.uniform(-o["rotation_degrees"], o["rotation_degrees"]))
+        rgb = rgb.rotate(angle, resample=Image.BILINEAR)
+    if o["flip_horizontal"] and rng.random() < o["flip_probability"]:
         rgb = ImageOps.mirror(rgb)
-    if jitter > 0:
-        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-            rgb = enhancer(rgb).enhance(float(rng.uniform(1 - jitter, 1 + jitter)))
+    if o["flip_vertical"] and rng.random() < o["flip_probability"]:
+        rgb = ImageOps.flip(rgb)
+    if rng.random() < o["jitter_probability"]:
+        for enhancer, amount in ((ImageEnhance.Brightness, o["brightness"]),
+                                 (ImageEnhance.Contrast, o["contrast"]), (ImageEnhance.Color, o["saturation"])):
+            if amount > 0:
+                rgb = enhancer(rgb).enhance(float(rng.uniform(1 - amount, 1 + amount)))
+        if o["hue"] > 0:
+            hsv = np.asarray(rgb.convert("HSV")).copy()
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.uniform(-o["hue"], o["hue"]) * 255)) % 256
+            rgb = Image.fromarray(hsv, mode="HSV").convert("RGB")
     return rgb
 
 
-def _reflect_pad(rgb: Image.Image, pad: int) -> Image.Image:
-    arr = np.asarray(rgb)
-    return Image.fromarray(np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect"))
-
-
 def expand_training_record(record: dict, copies: int, seed: int, ops: dict) -> list[dict]:
-    """The original plus `copies` augmented variants; randomness from the run seed and the hash."""
-    out = [{"image": record["image"], "label": record["label"]}]
+    """The original plus `copies` augmented variants; randomness from the run seed and the hash,
+    so a rerun writes identical records."""
+    out = [{"image": record["image"], "label": record["label"], "key": record["sha256"]}]
     if copies:
         rgb = _to_rgb(Image.open(io.BytesIO(record["image"])))
         for k in range(copies):
             rng = np.random.default_rng([seed, int(record["sha256"][:15], 16), k])
-            out.append({"image": _png_bytes(augment_image(rgb, rng, **ops)), "label": record["label"]})
+            out.append({"image": _png_bytes(augment_image(rgb, rng, ops)), "label": record["label"],
+                        "key": f"{record['sha256']}-aug{k + 1}"})
     return out
 
 
@@ -134,11 +154,14 @@ def preprocessing_fn(inputs, image_size: int):
         return tf.reshape(img, [image_size, image_size, 3])  # TFT needs fully known shapes
 
     images = tf.map_fn(decode, tf.reshape(inputs["image"], [-1]), fn_output_signature=tf.float32)
-    pixels = tf.reshape(images, [-1, 3])
-    mean = tft.mean(pixels, reduce_instance_dims=False)
-    std = tf.sqrt(tft.var(pixels, reduce_instance_dims=False)) + 1e-6
+    # float64 sums: Beam may combine partial sums in any order; rounded back to float32 the
+    # statistics come out the same on every run, so reruns write identical records.
+    pixels = tf.cast(tf.reshape(images, [-1, 3]), tf.float64)
+    mean = tf.cast(tft.mean(pixels, reduce_instance_dims=False), tf.float32)
+    std = tf.cast(tf.sqrt(tft.var(pixels, reduce_instance_dims=False)), tf.float32) + 1e-6
     label = tft.compute_and_apply_vocabulary(tf.reshape(inputs["label"], [-1]), vocab_filename="labels")
-    return {"image": (images - mean) / std, "label": label}
+    # `key` (content hash, -augN for copies) passes through so a record can be traced to its file.
+    return {"image": (images - mean) / std, "label": label, "key": inputs["key"]}
 
 
 def augment(
@@ -150,26 +173,26 @@ def augment(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     copies: int = 2,
-    flip: bool = True,
-    crop_fraction: float = 0.1,
-    rotation: float = 10.0,
-    jitter: float = 0.1,
+    ops: dict | None = None,
     shards: int = 2,
     num_workers: int = 1,
     max_pixels: int = 50_000_000,
     seed: int = 42,
     beam_options: list[str] | None = None,
 ) -> dict:
-    """Run the stage; returns its stats (also written to `stats.json` in the output)."""
+    """Run the stage on an image folder or CSV manifest; `ops` tunes the augmentations
+    (see DEFAULT_OPS). Returns the stage result; the output holds TFRecords per split, the
+    transform graph, meta.json, stats.json, quarantine.jsonl and preview.png."""
     start = time.time()
-    folder = list_image_folder(data_dir, include_classes, exclude_classes)
+    folder = list_images(data_dir, include_classes, exclude_classes)
     items = [(str(p), label) for label, files in folder.items() for p in files]
+    ops = {**DEFAULT_OPS, **(ops or {})}
     output = Path(output_dir)
     work = staging_dir(output)
     try:
-        counters, labels = _in_child_process(_run_beam, items, work, image_size, val_fraction, test_fraction, copies, seed,
-                             {"flip": flip, "crop_fraction": crop_fraction, "rotation": rotation,
-                              "jitter": jitter}, shards, num_workers, max_pixels, beam_options or [])
+        counters, labels = in_child_process(_run_beam, items, work, image_size, val_fraction, test_fraction,
+                                             copies, seed, ops, shards, num_workers, max_pixels,
+                                             beam_options or [])
         stats = _stats(counters, len(items), time.time() - start)
         if stats["written"]["originals"] == 0:
             raise DataError(f"{data_dir}: no valid image (all {len(items)} files quarantined, see reasons)")
@@ -180,6 +203,8 @@ def augment(
                 "source": str(data_dir), "stats": stats}
         write_json(work / META_FILE, meta)
         write_json(work / "stats.json", stats)
+        if copies:
+            preview(items, work / "preview.png", copies, seed, ops, max_pixels, val_fraction, test_fraction)
         publish_dir(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -187,11 +212,11 @@ def augment(
     return {
         "params": {"data_dir": data_dir, "image_size": image_size, "include_classes": include_classes or [],
                    "exclude_classes": exclude_classes or [], "val_fraction": val_fraction,
-                   "test_fraction": test_fraction, "copies": copies, "flip": flip,
-                   "crop_fraction": crop_fraction, "rotation": rotation, "jitter": jitter, "seed": seed,
+                   "test_fraction": test_fraction, "copies": copies, "ops": ops, "seed": seed,
                    "shards": shards, "num_workers": num_workers, "labels": labels},
         "metrics": {k: v for k, v in stats.items() if k != "written"} | {"written": stats["written"]},
         "artifacts": [(None, output / "stats.json"), (None, output / "quarantine.jsonl"),
+                      (None, output / "preview.png"),
                       (None, output / META_FILE), ("transform_fn", output / "transform_fn")],
         "meta": meta,
     }
@@ -216,14 +241,22 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     raw_meta = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec({
         "image": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.string),
+        "key": tf.io.FixedLenFeature([], tf.string),
     }))
     coder = tft.coders.ExampleProtoCoder(schema_utils.schema_from_feature_spec({
         "image": tf.io.FixedLenFeature([image_size, image_size, 3], tf.float32),
         "label": tf.io.FixedLenFeature([], tf.int64),
+        "key": tf.io.FixedLenFeature([], tf.string),
     }))
+
+    progress = {"n": 0, "every": max(500, len(items) // 20), "start": time.time()}
 
     def checked(item):
         rec = decode_image(item[0], item[1], max_pixels)
+        progress["n"] += 1
+        if progress["n"] % progress["every"] == 0:  # per worker: a sign of life on long inputs
+            rate = progress["n"] / (time.time() - progress["start"])
+            print(f"augment: decoded {progress['n']} of ~{len(items)} images ({rate:.0f}/s)", flush=True)
         if "reason" in rec:
             Metrics.counter("kflift", "quarantined:" + rec["reason"].split(":")[0]).inc()
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
@@ -242,7 +275,7 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     def raw_examples(rec, split):
         examples = expand_training_record(rec, copies, seed, ops) if split == "train" else [rec]
         Metrics.counter("kflift", f"written:{split}:{rec['label']}").inc(len(examples))
-        return [{"image": e["image"], "label": e["label"]} for e in examples]
+        return [{"image": e["image"], "label": e["label"], "key": e.get("key", rec["sha256"])} for e in examples]
 
     tmp = work / ".tft-tmp"
     p = beam.Pipeline(options=options)
@@ -282,39 +315,24 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     return totals, labels
 
 
-def _child_main(conn, fn, args):
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
-        import traceback
+def preview(items, path: Path, copies: int, seed: int, ops: dict, max_pixels: int,
+            val_fraction: float, test_fraction: float, rows: int = 6) -> Path | None:
+    """A grid of training originals beside their augmented copies, exactly as written."""
+    from kflift.components.plots import image_grid
 
-        traceback.print_exc()
-        conn.send(("error", exc))
-    conn.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # TensorFlow + tf.Transform + Beam can crash in interpreter teardown (segfault while
-    # garbage-collecting modules); the work is done and sent, so skip the teardown.
-    os._exit(0)
-
-
-def _in_child_process(fn, *args):
-    """Run fn in a fresh process: tf.Transform stays out of the caller (it flips tf.keras to
-    Keras 2 process-wide) and its teardown crash cannot take the stage down."""
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child_conn, fn, args), name="kflift-augment")
-    proc.start()
-    child_conn.close()
-    try:
-        status, value = parent_conn.recv()
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"augment worker process died (exit code {proc.exitcode})") from None
-    proc.join()
-    if status == "error":
-        raise value
-    return value
+    grid, labels = [], []
+    for file, label in items[:: max(1, len(items) // (4 * rows))]:  # spread over the classes
+        rec = decode_image(file, label, max_pixels)
+        if "reason" in rec or split_of(rec["sha256"], val_fraction, test_fraction) != "train":
+            continue
+        grid.append([Image.open(io.BytesIO(e["image"])).convert("RGB")
+                     for e in expand_training_record(rec, copies, seed, ops)])
+        labels.append(label)
+        if len(grid) == rows:
+            break
+    if not grid:
+        return None
+    return image_grid(grid, path, ["original"] + [f"copy {k + 1}" for k in range(copies)], labels)
 
 
 def _stats(counters: dict[str, int], n_read: int, seconds: float) -> dict:

@@ -31,6 +31,23 @@ def application_backbone(architecture: str, image_size: int, weights: str | None
     return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg")
 
 
+def augmentation_layers(ops: dict) -> keras.Sequential:
+    """The augment stage's ops as Keras preprocessing layers: active in training only."""
+    steps = []
+    if ops.get("crop_fraction", 0) > 0:
+        f = ops["crop_fraction"]
+        steps.append(layers.RandomTranslation(f, f, fill_mode="reflect"))
+    if ops.get("rotation_degrees", 0) > 0:
+        steps.append(layers.RandomRotation(ops["rotation_degrees"] / 360.0, fill_mode="reflect"))
+    modes = [m for m in ("horizontal", "vertical") if ops.get(f"flip_{m}")]
+    if modes:
+        steps.append(layers.RandomFlip("_and_".join(modes)))
+    if ops.get("contrast", 0) > 0:
+        # Inputs are standardized by tf.Transform, so only the range-free jitter applies.
+        steps.append(layers.RandomContrast(ops["contrast"], value_range=(-3, 3)))
+    return keras.Sequential(steps, name="online_augmentation")
+
+
 def build_model(
     image_size: int,
     num_classes: int,
@@ -39,13 +56,14 @@ def build_model(
     dropout: float = 0.0,
     l2: float = 0.0,
     seed: int = 42,
+    online_ops: dict | None = None,
 ) -> keras.Model:
     """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model."""
     keras.utils.set_random_seed(seed)
     reg = regularizers.L2(l2) if l2 > 0 else None
     inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = augmentation_layers(online_ops)(inputs) if online_ops else inputs
     if architecture == "cnn":
-        x = inputs
         for i, filters in enumerate((32, 64), start=1):
             x = layers.Conv2D(max(1, round(filters * width)), 3, padding="same", activation="relu",
                               kernel_regularizer=reg, name=f"conv{i}")(x)
@@ -55,7 +73,7 @@ def build_model(
                          name="features")(x)
     else:
         backbone = application_backbone(architecture, image_size, weights=None)
-        x = layers.Identity(name="features")(backbone(inputs))
+        x = layers.Identity(name="features")(backbone(x))
     if dropout > 0:
         x = layers.Dropout(dropout, name="dropout")(x)
     outputs = classifier_head(x, num_classes)
@@ -63,14 +81,15 @@ def build_model(
 
 
 def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: float = 1.0,
-          dropout: float = 0.0, l2: float = 0.0, seed: int = 42) -> dict:
+          dropout: float = 0.0, l2: float = 0.0, seed: int = 42, online_ops: dict | None = None) -> dict:
     """Build the model for a dataset (size and classes from augment's meta) and save it."""
     from kflift.components.data import read_meta, save_model
 
     meta = read_meta(dataset_dir)
-    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l2, seed)
+    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l2, seed, online_ops)
     save_model(model, Path(output_path))
     return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l2": l2,
+                       "online_augmentation": bool(online_ops),
                        "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
             "metrics": {"parameters": model.count_params()},
             "artifacts": []}

@@ -6,7 +6,9 @@ and the model stages use Keras 3.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,33 +21,53 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the path and the problem."""
 
 
-def list_image_folder(
-    data_dir: str | Path, include: list[str] | None = None, exclude: list[str] | None = None
+def list_images(
+    source: str | Path, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> dict[str, list[Path]]:
-    """Map each class (sub-folder name) to its files, sorted, after include/exclude filters."""
-    root = Path(data_dir)
-    if not root.is_dir():
+    """Map each class to its files, sorted, after include/exclude filters.
+
+    `source` is an image folder (one sub-folder per class) or a CSV manifest of `path,label`
+    rows (paths relative to the CSV). Every entry is listed, unreadable ones too: the augment
+    stage quarantines them with their reason rather than dropping them.
+    """
+    root = Path(source)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        found = _read_manifest(root)
+    elif root.is_dir():
+        found = {p.name: sorted(f for f in p.iterdir() if not f.is_dir() and not f.name.startswith("."))
+                 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    else:
         raise DataError(f"data folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(found)
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
     for name, wanted in (("include", include), ("exclude", exclude)):
         missing = sorted(set(wanted or []) - set(classes))
         if missing:
             raise DataError(f"{root}: {name}d classes {missing} are not sub-folders (found {classes})")
-    if include:
-        classes = [c for c in classes if c in include]
-    classes = [c for c in classes if c not in set(exclude or [])]
-    folder = {
-        c: sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith("."))
-        for c in classes
-    }
+    keep = [c for c in classes if (not include or c in include) and c not in set(exclude or [])]
+    folder = {c: found[c] for c in keep}
     empty = [c for c, files in folder.items() if not files]
     if empty:
         raise DataError(f"{root}: class folder(s) {empty} hold no files")
     if len(folder) < 2:
-        raise DataError(f"{root}: needs at least 2 classes, found {len(folder)} ({classes})")
+        raise DataError(f"{root}: needs at least 2 classes, found {len(folder)} ({keep})")
     return folder
+
+
+def _read_manifest(path: Path) -> dict[str, list[Path]]:
+    import csv
+
+    found: dict[str, list[Path]] = {}
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row or row[0].startswith("#") or (line == 1 and [c.strip() for c in row] == ["path", "label"]):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"{path}:{line}: expected 'path,label', got {row}")
+            file = Path(row[0].strip())
+            found.setdefault(row[1].strip(), []).append(file if file.is_absolute() else path.parent / file)
+    return {label: sorted(files) for label, files in found.items()}
 
 
 def write_digits_folder(target: str | Path) -> Path:
@@ -159,3 +181,38 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
 
 def split_size(dataset_dir: str | Path, split: str) -> int:
     return int(read_meta(dataset_dir)["stats"]["written"]["by_split"].get(split, 0))
+
+
+def _child_main(conn, fn, args):
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
+        import traceback
+
+        traceback.print_exc()
+        conn.send(("error", exc))
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # TensorFlow + tf.Transform + Beam can crash in interpreter teardown (segfault while
+    # garbage-collecting modules); the work is done and sent, so skip the teardown.
+    os._exit(0)
+
+
+def in_child_process(fn, *args):
+    """Run fn in a fresh process: tf.Transform stays out of the caller (it flips tf.keras to
+    Keras 2 process-wide) and its teardown crash cannot take the stage down."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child_conn, fn, args), name="kflift-worker")
+    proc.start()
+    child_conn.close()
+    try:
+        status, value = parent_conn.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"worker process died (exit code {proc.exitcode})") from None
+    proc.join()
+    if status == "error":
+        raise value
+    return value

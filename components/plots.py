@@ -59,3 +59,20 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def image_grid(rows: list[list], path: str | Path, columns: list[str], row_labels: list[str]) -> Path:
+    """Images (PIL or arrays) in a labelled grid, e.g. originals beside augmented copies."""
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=9)
+    return _save(fig, path)

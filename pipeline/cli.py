@@ -1,4 +1,4 @@
-"""kflift command line: run | compile | ui."""
+"""kflift command line: run | stage | compile | ui."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,12 @@ import sys
 from pathlib import Path
 
 from kflift.pipeline.config import ConfigError, load_config
+
+
+def _beam_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-option", dest="beam_options", action="append", default=[], metavar="OPT",
+                   help="a Beam pipeline option for the augment stage, e.g. --beam-option=--runner=FlinkRunner "
+                        "(repeatable; default: the local DirectRunner with augment.num_workers workers)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +36,19 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: a SQLite store under the output folder)")
     run.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                      help="subprocess: every stage in this environment (default); docker: in its image")
+    _beam_args(run)
     _config_args(run)
+
+    stage = sub.add_parser("stage", help="run one stage alone, without KFP",
+                           description="Run one stage's plain function on this machine.")
+    stage.add_argument("name", choices=["augment"], help="the stage to run")
+    stage.add_argument("--data", metavar="PATH", required=True,
+                       help="image folder (sub-folder = class) or CSV manifest of path,label rows")
+    stage.add_argument("--output", metavar="DIR", required=True, help="where the stage writes its outputs")
+    stage.add_argument("--include-classes", metavar="A,B", help="only these classes")
+    stage.add_argument("--exclude-classes", metavar="A,B", help="leave these classes out")
+    _beam_args(stage)
+    _config_args(stage)
 
     comp = sub.add_parser("compile", help="write the KFP pipeline YAML for a cluster",
                           description="Compile the pipeline to KFP IR YAML (images and GPU requests from config).")
@@ -67,6 +85,7 @@ def _run(args) -> int:
         if value:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
+    cfg.augment.beam_options += args.beam_options
     try:
         summary = run_local(cfg, runner=args.runner)
     except (DataError, TrackingError, StageFailed, NotImplementedError) as exc:
@@ -79,6 +98,31 @@ def _run(args) -> int:
         print(f"MLflow: kflift ui --output {Path(cfg.output)}   (then open http://127.0.0.1:5000)")
     else:
         print(f"MLflow: {summary['tracking_uri']}")
+    return 0
+
+
+def _stage(args) -> int:
+    import json
+
+    from kflift.components.augment import augment
+    from kflift.components.data import DataError
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.augment.beam_options += args.beam_options
+
+    def classes(text):
+        return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+    try:
+        result = augment(args.data, args.output, include_classes=classes(args.include_classes),
+                         exclude_classes=classes(args.exclude_classes), **cfg.augment.stage_kwargs())
+    except DataError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+    stats = result["meta"]["stats"]
+    print(json.dumps({k: stats[k] for k in ("read", "quarantined", "duplicates", "converted")}
+                     | {"written": stats["written"]["by_split"], "images_per_second": stats["images_per_second"]}))
+    print(f"augment output: {args.output} (stats.json, quarantine.jsonl, preview.png, TFRecords, transform_fn)")
     return 0
 
 
@@ -105,7 +149,7 @@ def _ui(args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"run": _run, "compile": _compile, "ui": _ui}
+COMMANDS = {"run": _run, "stage": _stage, "compile": _compile, "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

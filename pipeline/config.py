@@ -19,20 +19,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AugmentOps(_Section):
+    """The four augmentations of the seed, each with its parameters and probability."""
+    crop_probability: float = Field(1.0, ge=0.0, le=1.0)
+    crop_mode: Literal["pad", "resized"] = Field("pad", description="pad-and-crop shift or resized crop")
+    crop_fraction: float = Field(0.1, ge=0.0, le=0.5, description="shift (pad) or area loss (resized)")
+    rotation_probability: float = Field(0.5, ge=0.0, le=1.0)
+    rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    flip_probability: float = Field(0.5, ge=0.0, le=1.0)
+    flip_horizontal: bool = True
+    flip_vertical: bool = False
+    jitter_probability: float = Field(0.8, ge=0.0, le=1.0)
+    brightness: float = Field(0.15, ge=0.0, lt=1.0)
+    contrast: float = Field(0.15, ge=0.0, lt=1.0)
+    saturation: float = Field(0.15, ge=0.0, lt=1.0)
+    hue: float = Field(0.02, ge=0.0, le=0.5)
+
+
 class AugmentConfig(_Section):
     image_size: int = Field(32, ge=8, le=512, description="images are resized to this square size")
     val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    copies: int = Field(2, ge=0, le=50, description="augmented copies of each training image")
-    flip: bool = True
-    crop_fraction: float = Field(0.1, ge=0.0, le=0.5, description="pad-and-crop shift, share of the side")
-    rotation: float = Field(10.0, ge=0.0, le=180.0, description="random rotation, +/- degrees")
-    jitter: float = Field(0.1, ge=0.0, lt=1.0, description="brightness/contrast/saturation jitter")
+    copies: int = Field(2, ge=0, le=50, description="offline: augmented copies of each training image")
+    online: bool = Field(False, description="also augment inside the model (Keras preprocessing layers)")
+    ops: AugmentOps = Field(default_factory=AugmentOps)
     shards: int = Field(2, ge=1, le=1024)
     num_workers: int = Field(1, ge=1, le=64, description="local Beam workers")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are quarantined")
     seed: int = 42
     beam_options: list[str] = Field(default_factory=list, description="passed through to Beam")
+
+    def stage_kwargs(self) -> dict:
+        """The augment stage function's arguments (all but data, output and class filters)."""
+        return {"image_size": self.image_size, "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction, "copies": self.copies, "ops": self.ops.model_dump(),
+                "shards": self.shards, "num_workers": self.num_workers, "max_pixels": self.max_pixels,
+                "seed": self.seed, "beam_options": list(self.beam_options)}
 
 
 class ModelConfig(_Section):
@@ -41,7 +63,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(12, ge=1, le=1000)
+    epochs: int = Field(8, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     seed: int = 42
@@ -63,9 +85,9 @@ class TransferConfig(_Section):
         "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', or a weights file"
     )
     backbone: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
-    pretrain_epochs: int = Field(10, ge=1)
-    frozen_epochs: int = Field(6, ge=1)
-    finetune_epochs: int = Field(6, ge=0)
+    pretrain_epochs: int = Field(6, ge=1)
+    frozen_epochs: int = Field(4, ge=1)
+    finetune_epochs: int = Field(4, ge=0)
     unfreeze_top: int = Field(2, ge=0, description="layers of the backbone unfrozen in phase 2")
     finetune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from kflift.components import tracking
-from kflift.components.data import DataError, list_image_folder, write_digits_folder, write_json
+from kflift.components.data import DataError, list_images, write_digits_folder, write_json
 from kflift.pipeline.config import Config
 
 
@@ -20,12 +20,12 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     output = Path(cfg.output).resolve()
     data_dir = Path(cfg.data).resolve() if cfg.data else write_digits_folder(output / "datasets" / "digits")
     tx = cfg.transfer
-    list_image_folder(data_dir, exclude=tx.source_classes if tx.weights == "pipeline" else None)
+    list_images(data_dir, exclude=tx.source_classes if tx.weights == "pipeline" else None)
     if tx.weights == "pipeline":
         if tx.source_dir:
-            list_image_folder(tx.source_dir)
+            list_images(tx.source_dir)
         else:
-            list_image_folder(data_dir, include=tx.source_classes)
+            list_images(data_dir, include=tx.source_classes)
     return str(data_dir), str(Path(tx.source_dir).resolve()) if tx.source_dir else str(data_dir)
 
 

@@ -12,11 +12,7 @@ from kflift.pipeline.steps import make_components
 def make_pipeline(cfg: Config):
     ops = make_components(cfg.images.cpu, cfg.images.gpu)
     aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
-    augment_args = dict(
-        image_size=aug.image_size, val_fraction=aug.val_fraction, test_fraction=aug.test_fraction,
-        copies=aug.copies, flip=aug.flip, crop_fraction=aug.crop_fraction, rotation=aug.rotation,
-        jitter=aug.jitter, shards=aug.shards, num_workers=aug.num_workers, max_pixels=aug.max_pixels,
-        seed=aug.seed, beam_options=aug.beam_options)
+    augment_args = aug.stage_kwargs()
     fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, seed=tr.seed)
     has_source = tx.weights == "pipeline"
 
@@ -32,7 +28,8 @@ def make_pipeline(cfg: Config):
         def build_and_train(name, dataset, dropout, l2, patience, epochs):
             built = ops.build(tracking=tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
                               architecture=cfg.model.architecture, width=cfg.model.width,
-                              dropout=dropout, l2=l2, seed=tr.seed)
+                              dropout=dropout, l2=l2, seed=tr.seed,
+                              online_ops=aug.ops.model_dump() if aug.online else {})
             return on_gpu(ops.train(tracking=tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
                                     untrained=built.outputs["model"], epochs=epochs, patience=patience,
                                     **fit_args), cfg)

@@ -11,25 +11,25 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 
 
 def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, include_classes: list,
-                 exclude_classes: list, val_fraction: float, test_fraction: float, copies: int, flip: bool,
-                 crop_fraction: float, rotation: float, jitter: float, shards: int, num_workers: int,
+                 exclude_classes: list, val_fraction: float, test_fraction: float, copies: int, ops: dict,
+                 shards: int, num_workers: int,
                  max_pixels: int, seed: int, beam_options: list,
                  dataset: Output[Dataset], stats: Output[Metrics]):
     from kflift.components import augment, tracking as mlf
 
     mlf.run_stage(stage, augment.augment, tracking, stats, data_dir=data_dir, output_dir=dataset.path,
                   image_size=image_size, include_classes=include_classes, exclude_classes=exclude_classes,
-                  val_fraction=val_fraction, test_fraction=test_fraction, copies=copies, flip=flip,
-                  crop_fraction=crop_fraction, rotation=rotation, jitter=jitter, shards=shards,
+                  val_fraction=val_fraction, test_fraction=test_fraction, copies=copies, ops=ops, shards=shards,
                   num_workers=num_workers, max_pixels=max_pixels, seed=seed, beam_options=beam_options)
 
 
 def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture: str, width: float,
-               dropout: float, l2: float, seed: int, model: Output[Model]):
+               dropout: float, l2: float, seed: int, online_ops: dict, model: Output[Model]):
     from kflift.components import build, tracking as mlf
 
     mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
-                  architecture=architecture, width=width, dropout=dropout, l2=l2, seed=seed)
+                  architecture=architecture, width=width, dropout=dropout, l2=l2, seed=seed,
+                  online_ops=online_ops)
 
 
 def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,

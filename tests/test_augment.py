@@ -1,0 +1,187 @@
+"""augment: bad input quarantined with its reason, determinism, splits, augmentation, serving equality."""
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import copy_subset, kflift
+from kflift.components.augment import DEFAULT_OPS, augment, expand_training_record, split_of
+from kflift.components.data import DataError, list_images
+
+MAX_PIXELS = 10_000  # the 32x32 shared images pass; the 200x200 "bomb" does not
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory, cifar_dir) -> Path:
+    """Real good images beside every bad kind the stage must treat."""
+    root = copy_subset(cifar_dir, tmp_path_factory.mktemp("messy"), ["automobile", "truck"], 10)
+    car, truck = root / "automobile", root / "truck"
+    good_jpeg = (car / "0000.jpg").read_bytes()
+    rgb = Image.open(car / "0001.jpg").convert("RGB")
+    (car / "empty.jpg").write_bytes(b"")
+    (car / "notes.png").write_text("this is not an image")
+    (car / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (truck / "corrupt.png").write_bytes(png_bytes(rgb)[:40] + os.urandom(200))
+    (truck / "bomb.png").write_bytes(png_bytes(Image.new("RGB", (200, 200), "red")))
+    (truck / "gone.jpg").symlink_to(root / "does-not-exist.jpg")
+    # modes converted to RGB, not lost
+    (car / "gray.png").write_bytes(png_bytes(rgb.convert("L")))
+    (car / "palette.png").write_bytes(png_bytes(rgb.convert("P")))
+    (truck / "rgba.png").write_bytes(png_bytes(rgb.convert("RGBA")))
+    (truck / "cmyk.jpg").write_bytes(png_bytes(rgb.convert("CMYK"), format="JPEG"))
+    sixteen = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 250), mode="I;16")
+    (truck / "sixteen.png").write_bytes(png_bytes(sixteen))
+    shutil.copy(car / "0002.jpg", car / "0002-copy.jpg")  # an exact duplicate
+    return root
+
+
+def run_augment(src, out, **kw):
+    args = dict(max_pixels=MAX_PIXELS, copies=2, val_fraction=0.2, test_fraction=0.3, shards=2)
+    return augment(str(src), str(out), **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def messy_run(messy_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aug") / "out"
+    return run_augment(messy_folder, out), out
+
+
+def read_records(out: Path, split: str) -> list[dict]:
+    import tensorflow as tf
+
+    spec = {"image": tf.io.FixedLenFeature([32, 32, 3], tf.float32),
+            "label": tf.io.FixedLenFeature([], tf.int64), "key": tf.io.FixedLenFeature([], tf.string)}
+    files = sorted(str(p) for p in (out / split).glob("*.tfrecord.gz"))
+    return [{"raw": r.numpy(), **{k: v.numpy() for k, v in tf.io.parse_single_example(r, spec).items()}}
+            for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def test_every_bad_kind_is_quarantined_with_its_reason(messy_run, messy_folder):
+    result, out = messy_run
+    stats = result["meta"]["stats"]
+    assert stats["quarantined"] == {"zero-byte file": 1, "not an image": 1, "corrupt or truncated image": 2,
+                                    "decompression bomb": 1, "unreadable": 1}
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    by_name = {Path(q["path"]).name: q["reason"] for q in quarantine}
+    assert set(by_name) == {"empty.jpg", "notes.png", "truncated.jpg", "corrupt.png", "bomb.png", "gone.jpg"}
+    assert by_name["bomb.png"].startswith("decompression bomb: 200x200")
+    assert all(Path(q["path"]).is_absolute() or (messy_folder / q["label"]).exists() for q in quarantine)
+
+
+def test_modes_are_converted_duplicates_kept_once_and_counts_add_up(messy_run, messy_folder):
+    stats = messy_run[0]["meta"]["stats"]
+    n_files = sum(len(list((messy_folder / c).iterdir())) for c in ("automobile", "truck"))
+    assert stats["read"] == n_files
+    assert stats["converted"] == 5 and stats["duplicates"] == 1
+    assert stats["read"] == stats["written"]["originals"] + stats["quarantined_total"] + stats["duplicates"]
+    assert stats["written"]["originals"] == 20 + 5  # the good ones (the duplicate once) and the converted
+
+
+def test_k_copies_per_training_image_keep_their_label_and_change_pixels(messy_run):
+    _, out = messy_run
+    train = read_records(out, "train")
+    originals = {r["key"]: r for r in train if b"-aug" not in r["key"]}
+    copies = [r for r in train if b"-aug" in r["key"]]
+    assert len(copies) == 2 * len(originals) and originals
+    for copy in copies:
+        source = originals[copy["key"].split(b"-aug")[0]]
+        assert copy["label"] == source["label"]
+        assert np.abs(copy["image"] - source["image"]).mean() > 0.01
+    for split in ("val", "test"):  # never augmented
+        assert not any(b"-aug" in r["key"] for r in read_records(out, split))
+
+
+def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
+    _, first = messy_run
+    run_augment(messy_folder, tmp_path / "again")
+    for split in ("train", "val", "test"):
+        assert sorted(r["raw"] for r in read_records(first, split)) == \
+            sorted(r["raw"] for r in read_records(tmp_path / "again", split))
+
+
+def test_split_is_stable_when_the_folder_grows(messy_run, messy_folder, cifar_dir, tmp_path):
+    _, first = messy_run
+    grown = copy_subset(cifar_dir, tmp_path / "grown", ["automobile", "truck"], 16)
+    run_augment(grown, tmp_path / "out", copies=0)
+    before = {s: {r["key"] for r in read_records(first, s) if b"-aug" not in r["key"]} for s in ("val", "test")}
+    after = {s: {r["key"] for r in read_records(tmp_path / "out", s)} for s in ("val", "test")}
+    shared = {hashlib.sha256(p.read_bytes()).hexdigest().encode() for p in grown.rglob("*.jpg")}
+    for s in ("val", "test"):
+        assert before[s] & shared <= after[s]
+    assert split_of("ab" * 32, 0.2, 0.3) == split_of("ab" * 32, 0.2, 0.3)
+
+
+def test_augmentation_is_seeded_and_each_op_applies():
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    rec = {"image": png_bytes(rgb), "label": "x", "sha256": "c" * 64}
+    a = expand_training_record(rec, 3, seed=1, ops=DEFAULT_OPS)
+    b = expand_training_record(rec, 3, seed=1, ops=DEFAULT_OPS)
+    c = expand_training_record(rec, 3, seed=2, ops=DEFAULT_OPS)
+    assert [e["image"] for e in a] == [e["image"] for e in b]
+    assert [e["image"] for e in a[1:]] != [e["image"] for e in c[1:]]
+    only_flip = {**DEFAULT_OPS, "crop_probability": 0, "rotation_probability": 0, "jitter_probability": 0,
+                 "flip_probability": 1.0}
+    flipped = Image.open(io.BytesIO(expand_training_record(rec, 1, 1, only_flip)[1]["image"]))
+    assert np.array_equal(np.asarray(flipped), np.asarray(rgb)[:, ::-1])
+
+
+def test_training_and_serving_tensors_of_the_same_image_are_equal(messy_run, messy_folder):
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    _, out = messy_run
+    layer = tft.TFTransformOutput(str(out / "transform_fn")).transform_features_layer()
+    # the RGB JPEGs as they came; converted files (CMYK, 16-bit, ...) were re-encoded by the stage
+    files = {hashlib.sha256(p.read_bytes()).hexdigest().encode(): p for p in messy_folder.rglob("0*.jpg")}
+    checked = 0
+    for record in read_records(out, "test"):
+        if record["key"] not in files:
+            continue
+        raw = files[record["key"]].read_bytes()  # the original file, as a client would send it
+        served = layer({"image": tf.constant([raw]), "label": tf.constant([""]), "key": tf.constant([""])})
+        np.testing.assert_array_equal(served["image"].numpy()[0], record["image"])
+        checked += 1
+    assert checked > 0
+
+
+def test_bad_folders_stop_with_a_clear_error(tmp_path, cifar_dir):
+    only = copy_subset(cifar_dir, tmp_path / "one", ["truck"], 2)
+    with pytest.raises(DataError, match="needs at least 2 classes"):
+        list_images(only)
+    empty = copy_subset(cifar_dir, tmp_path / "empty", ["truck"], 2)
+    (empty / "ship").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) \['ship'\] hold no files"):
+        list_images(empty)
+    junk = tmp_path / "junk"
+    for c in ("a", "b"):
+        (junk / c).mkdir(parents=True)
+        (junk / c / "x.jpg").write_text("no image")
+    with pytest.raises(DataError, match="no valid image"):
+        augment(str(junk), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_manifest_and_stage_cli(tmp_path, cifar_dir):
+    lines = ["path,label"] + [f"{cifar_dir}/{c}/{i:04d}.jpg,{c}" for c in ("ship", "airplane") for i in range(8)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    proc = kflift("stage", "augment", "--data", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"),
+                  "--set", "augment.copies=1", "--beam-option=--direct_num_workers=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["read"] == 16 and stats["written"]["originals"] == 16
+    assert (tmp_path / "out" / "preview.png").stat().st_size > 1000
+    (tmp_path / "bad.csv").write_text("path,label\nonly-one-column\n")
+    proc = kflift("stage", "augment", "--data", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "o2"))
+    assert proc.returncode == 1 and "bad.csv:2: expected 'path,label'" in proc.stderr
