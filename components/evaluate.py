@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 
 from kflift.components import plots
 from kflift.components.data import load_model, load_split, publish_dir, read_meta, staging_dir, write_json
+from kflift.components.serve import export_serving
 
 
 def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):
@@ -39,7 +40,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metric: str = "accuracy",
-             min_metric: float = 0.0, baseline: str = "baseline") -> dict:
+             min_metric: float = 0.0, baseline: str = "baseline", export: bool = True,
+             registry_name: str = "kflift-classifier") -> dict:
     """Score each candidate model on the test split; the best that passes the gate wins."""
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
@@ -63,6 +65,9 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     winner = max(passing, key=lambda n: scores[n][metric]) if passing else None
     if winner:
         shutil.copytree(candidates[winner], work / "champion")
+        if export:  # raw image bytes in, probabilities out: the transform graph travels with the model
+            export_serving(str(work / "champion"), str(Path(dataset_dir) / "transform_fn"), str(work / "serving"),
+                           labels)
     plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
     table = comparison_table(scores, gate, metric, baseline, winner)
     (work / "comparison.md").write_text(table)
@@ -77,6 +82,9 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
                    "candidates": list(candidates)},
         "metrics": {f"{n}.{k}": v for n, s in scores.items() for k, v in s.items()},
         "artifacts": [("evaluation", out)],
+        # The tracking layer registers this folder in the Model Registry with alias `champion`.
+        "register": {"name": registry_name, "artifact_path": "evaluation/serving",
+                     "candidate": winner} if winner and export else None,
         "report": report,
     }
 

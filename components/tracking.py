@@ -99,6 +99,21 @@ def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) ->
     return found[0].info.run_id if found else start_parent_run(tracking_uri, experiment, run_id, {})
 
 
+    def register(self, name: str, artifact_path: str, candidate: str, alias: str = "champion") -> str:
+        """Register a logged artifact folder as a new model version and point `alias` at it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:  # not registered yet
+            self.client.create_registered_model(name)
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=self.run_id,
+                                                   tags={"kflift.candidate": candidate})
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return version.version
+
+
 @contextlib.contextmanager
 def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str = "kflift", run_id: str = ""):
     """A nested MLflow run around one stage; records wall seconds and FAILED on error.
@@ -140,6 +155,8 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, **kwargs) -> dic
                    tracking.get("run_id") or tracking.get("job_id", "")) as run:
         result = fn(**kwargs)
         run.log(result)
+        if result.get("register"):
+            run.register(**result["register"])
     if kfp_metrics is not None:
         for key, value in _flat(result.get("metrics", {})).items():
             if isinstance(value, (int, float)):

@@ -1,4 +1,4 @@
-"""kflift command line: run | stage | compile | ui."""
+"""kflift command line: run | stage | predict | compile | ui."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     _beam_args(stage)
     _config_args(stage)
 
+    pred = sub.add_parser("predict", help="classify image files with a serving model",
+                          description="Print one line per image: path<TAB>label<TAB>probability.")
+    pred.add_argument("--model", required=True, metavar="DIR",
+                      help="a serving SavedModel, e.g. kflift-output/runs/<run id>/serving")
+    pred.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP, GIF)")
+
     comp = sub.add_parser("compile", help="write the KFP pipeline YAML for a cluster",
                           description="Compile the pipeline to KFP IR YAML (images and GPU requests from config).")
     comp.add_argument("-o", "--output", default="pipeline.yaml", metavar="FILE", help="YAML path")
@@ -94,6 +100,8 @@ def _run(args) -> int:
     best = summary["candidates"].get(summary["winner"] or "", {})
     print(f"\nwinner: {summary['winner']} ({', '.join(f'{k}={v:.3f}' for k, v in best.items())})")
     print(f"summary: {summary['path']}")
+    if summary["serving"]:
+        print(f"serving model: {summary['serving']}  (kflift predict --model {summary['serving']} IMAGE...)")
     if summary["tracking_uri"].startswith("sqlite:"):
         print(f"MLflow: kflift ui --output {Path(cfg.output)}   (then open http://127.0.0.1:5000)")
     else:
@@ -126,6 +134,21 @@ def _stage(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from kflift.components.serve import predict_files
+
+    if not Path(args.model, "saved_model.pb").is_file():
+        print(f"kflift: {args.model} is not a serving model (no saved_model.pb)", file=sys.stderr)
+        return 1
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        print(f"kflift: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    for path, label, prob in predict_files(args.model, args.images):
+        print(f"{path}\t{label}\t{prob:.4f}")
+    return 0
+
+
 def _compile(args) -> int:
     from kfp import compiler
 
@@ -149,7 +172,7 @@ def _ui(args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"run": _run, "stage": _stage, "compile": _compile, "ui": _ui}
+COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -106,6 +106,7 @@ class TransferConfig(_Section):
 class EvaluateConfig(_Section):
     metric: Literal["accuracy", "f1", "precision", "recall"] = "accuracy"
     min_metric: float = Field(0.0, ge=0.0, le=1.0, description="quality gate")
+    registry_name: str = Field("kflift-classifier", min_length=1, description="MLflow registered model")
 
 
 class ImagesConfig(_Section):

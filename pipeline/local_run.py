@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
         "gate": report["gate"],
         "winner": report["winner"],
         "champion_model": str(evaluation / "champion") if report["winner"] else None,
+        "serving": str(run_dir / "serving") if report["winner"] else None,
     }
+    if report["winner"]:
+        shutil.copytree(evaluation / "serving", run_dir / "serving")
     write_json(run_dir / "summary.json", summary)
     tracking.log_summary(tracking_uri, parent, run_dir / "summary.json",
                          {"wall_seconds": wall, **{f"{report['winner']}.{k}": v for k, v in

@@ -54,7 +54,8 @@ def make_pipeline(cfg: Config):
 
         return ops.evaluate(tracking=tracking, dataset=target.outputs["dataset"], baseline=baseline.outputs["model"],
                      regularized=regularized.outputs["model"], transfer=transfer.outputs["model"],
-                     metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric).outputs["evaluation"]
+                     metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric,
+                            registry_name=cfg.evaluate.registry_name).outputs["evaluation"]
 
     return kflift
 

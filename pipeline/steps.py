@@ -56,7 +56,7 @@ def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: 
 
 
 def evaluate_step(tracking: dict, dataset: Input[Dataset], baseline: Input[Model], regularized: Input[Model],
-                  transfer: Input[Model], metric: str, min_metric: float,
+                  transfer: Input[Model], metric: str, min_metric: float, registry_name: str,
                   evaluation: Output[Artifact], metrics: Output[Metrics], winner_metrics: Output[ClassificationMetrics],
                   comparison: Output[Markdown]):
     import shutil
@@ -66,7 +66,7 @@ def evaluate_step(tracking: dict, dataset: Input[Dataset], baseline: Input[Model
     candidates = {"baseline": baseline.path, "regularized": regularized.path, "transfer": transfer.path}
     result = mlf.run_stage("evaluate", evaluate.evaluate, tracking, metrics, dataset_dir=dataset.path,
                            candidates=candidates, output_dir=evaluation.path, metric=metric,
-                           min_metric=min_metric, baseline="baseline")
+                           min_metric=min_metric, baseline="baseline", registry_name=registry_name)
     out = result["report"]
     if out["winner"]:
         winner_metrics.log_confusion_matrix(out["labels"], out["confusion_matrices"][out["winner"]])

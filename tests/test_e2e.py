@@ -60,3 +60,8 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tm
         artifacts("evaluate", "evaluation")
     assert by_stage["evaluate"].data.metrics["transfer.accuracy"] == summary["candidates"]["transfer"]["accuracy"]
     assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    if summary["winner"]:  # registered, alias `champion`, from this run's evaluate stage
+        version = client.get_model_version_by_alias("kflift-classifier", "champion")
+        assert version.run_id == by_stage["evaluate"].info.run_id
+        assert version.tags["kflift.candidate"] == summary["winner"]
+        assert (out / "runs" / run_id / "serving" / "saved_model.pb").exists()

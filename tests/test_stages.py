@@ -114,3 +114,34 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_p
         finetune.finetune(str(cifar_dataset), str(tmp_path / "t"), weights="imagenet", backbone="mobilenetv2")
     assert "transfer.source_classes" in str(err.value)
     assert not (tmp_path / "t").exists()  # nothing half-written
+
+
+def test_serving_model_on_raw_bytes_equals_evaluate(cifar_dataset, tiny_cifar, tmp_path):
+    import hashlib
+
+    import tensorflow as tf
+
+    from conftest import kflift
+
+    build.build(str(cifar_dataset), str(tmp_path / "untrained"))
+    train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "m"), epochs=2)
+    result = evaluate.evaluate(str(cifar_dataset), {"baseline": str(tmp_path / "m")}, str(tmp_path / "eval"))
+    assert result["report"]["winner"] == "baseline" and result["register"]["candidate"] == "baseline"
+    serving_dir = tmp_path / "eval" / "serving"
+    probs, _ = evaluate.predict(str(tmp_path / "m"), str(cifar_dataset))
+    files = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in tiny_cifar.rglob("*.jpg")}
+    keys = [k.decode() for k in tf.data.TFRecordDataset(sorted(map(str, (cifar_dataset / "test").glob("*.gz"))),
+                                                         compression_type="GZIP").map(
+        lambda r: tf.io.parse_single_example(r, {"key": tf.io.FixedLenFeature([], tf.string)})["key"]).as_numpy_iterator()]
+    serving = tf.saved_model.load(str(serving_dir)).signatures["serving_default"]
+    labels = read_meta(cifar_dataset)["labels"]
+    for key, expected in zip(keys, probs):
+        out = serving(image_bytes=tf.constant([files[key].read_bytes()]))
+        np.testing.assert_allclose(out["probabilities"].numpy()[0], expected, atol=1e-5)
+        assert out["label"].numpy()[0].decode() == labels[int(expected.argmax())]
+    sample = files[keys[0]]
+    proc = kflift("predict", "--model", str(serving_dir), str(sample))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path, label, prob = proc.stdout.strip().split("\t")
+    assert path == str(sample) and label == labels[int(probs[0].argmax())]
+    assert abs(float(prob) - probs[0].max()) < 1e-3
