@@ -54,13 +54,14 @@ def build_model(
     architecture: str = "cnn",
     width: float = 1.0,
     dropout: float = 0.0,
+    l1: float = 0.0,
     l2: float = 0.0,
     seed: int = 42,
     online_ops: dict | None = None,
 ) -> keras.Model:
     """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model."""
     keras.utils.set_random_seed(seed)
-    reg = regularizers.L2(l2) if l2 > 0 else None
+    reg = regularizers.L1L2(l1=l1, l2=l2) if (l1 > 0 or l2 > 0) else None
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation_layers(online_ops)(inputs) if online_ops else inputs
     if architecture == "cnn":
@@ -81,14 +82,16 @@ def build_model(
 
 
 def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: float = 1.0,
-          dropout: float = 0.0, l2: float = 0.0, seed: int = 42, online_ops: dict | None = None) -> dict:
+          dropout: float = 0.0, l1: float = 0.0, l2: float = 0.0, seed: int = 42,
+          online_ops: dict | None = None) -> dict:
     """Build the model for a dataset (size and classes from augment's meta) and save it."""
     from kflift.components.data import read_meta, save_model
 
     meta = read_meta(dataset_dir)
-    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l2, seed, online_ops)
+    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l1, l2, seed,
+                        online_ops)
     save_model(model, Path(output_path))
-    return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l2": l2,
+    return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l1": l1, "l2": l2,
                        "online_augmentation": bool(online_ops),
                        "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
             "metrics": {"parameters": model.count_params()},

@@ -153,8 +153,13 @@ def read_meta(dataset_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
-    """A tf.data pipeline of (image, label) batches from the transformed TFRecords."""
+def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
+               augmented: bool = True):
+    """A tf.data pipeline of (image, label) batches from the transformed TFRecords.
+
+    `augmented=False` keeps only the original images (drops the offline augmented copies), so a
+    candidate can be trained without the augmentation lever on the same dataset.
+    """
     import tensorflow as tf
 
     meta = read_meta(dataset_dir)
@@ -165,22 +170,27 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
     spec = {
         "image": tf.io.FixedLenFeature([size, size, 3], tf.float32),
         "label": tf.io.FixedLenFeature([], tf.int64),
+        "key": tf.io.FixedLenFeature([], tf.string),
     }
 
     def parse(batch):
         ex = tf.io.parse_example(batch, spec)
-        return ex["image"], ex["label"]
+        return ex["image"], ex["label"], ex["key"]
 
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     # Parse in large batches (fast), then cache the decoded split: small datasets fit in memory.
-    ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
+    ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if not augmented:
+        ds = ds.filter(lambda image, label, key: tf.logical_not(tf.strings.regex_full_match(key, ".*-aug[0-9]+")))
+    ds = ds.map(lambda image, label, key: (image, label)).cache()
     if shuffle:
         ds = ds.shuffle(20_000, seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def split_size(dataset_dir: str | Path, split: str) -> int:
-    return int(read_meta(dataset_dir)["stats"]["written"]["by_split"].get(split, 0))
+def split_size(dataset_dir: str | Path, split: str, augmented: bool = True) -> int:
+    written = read_meta(dataset_dir)["stats"]["written"]
+    return int(written["by_split" if augmented else "originals_by_split"].get(split, 0))
 
 
 def _child_main(conn, fn, args):

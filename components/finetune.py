@@ -54,7 +54,7 @@ def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, weights: str = "pipeline",
              backbone: str = "cnn", head_units: int = 256, frozen_epochs: int = 5, finetune_epochs: int = 5,
              unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
-             patience: int = 3, seed: int = 42) -> dict:
+             patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True) -> dict:
     start = time.time()
     meta = read_meta(dataset_dir)
     keras.utils.set_random_seed(seed)
@@ -68,16 +68,20 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     x = layers.Dropout(0.5, name="head_dropout")(x)
     model = keras.Model(inputs, classifier_head(x, meta["num_classes"]), name=f"transfer_{backbone}")
 
-    work = staging_dir(output_dir)
+    ckpt = Path(f"{output_dir}.checkpoints")
     frozen_before = [w.numpy().copy() for w in base.weights]
-    history = fit(model, dataset_dir, work, epochs=frozen_epochs, batch_size=batch_size,
-                  learning_rate=learning_rate, patience=patience, seed=seed, phase="frozen")
+    model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, optimizer=optimizer, patience=patience, seed=seed,
+                         phase="frozen", augmented=augmented)
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
     unfrozen = unfreeze_top(base, unfreeze)
     if finetune_epochs > 0 and unfrozen:
-        history += fit(model, dataset_dir, work, epochs=finetune_epochs, batch_size=batch_size,
-                       learning_rate=learning_rate * lr_factor, patience=patience, seed=seed, phase="finetune")
+        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, batch_size=batch_size,
+                          learning_rate=learning_rate * lr_factor, optimizer=optimizer, patience=patience,
+                          seed=seed, phase="finetune", augmented=augmented)
+        history += more
     seconds = time.time() - start
+    work = staging_dir(output_dir)
     save_model(model, work)
     curve = plots.learning_curve(_merged_phases(history), work / "learning_curve.png",
                                  f"transfer ({backbone}): frozen then fine-tuned")
@@ -88,9 +92,9 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
         "params": {"weights": weights, "backbone": backbone, "head_units": head_units,
                    "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
                    "unfrozen_layers": unfrozen, "learning_rate": learning_rate,
-                   "finetune_learning_rate": learning_rate * lr_factor},
+                   "finetune_learning_rate": learning_rate * lr_factor, "augmented_data": augmented},
         "metrics": {"epochs_run": len(history), "frozen_weights_changed_in_phase1": int(frozen_changed),
-                    "train_images_per_second": split_size(dataset_dir, "train") * len(history) / seconds,
+                    "train_images_per_second": split_size(dataset_dir, "train", augmented) * len(history) / seconds,
                     **{f"final_{k}": v for k, v in _merged_phases(history)[-1].items()}},
         "history": history,
         "artifacts": [("plots", out / curve.name), ("model", out / "model.keras"), (None, out / "history.json")],

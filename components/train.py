@@ -1,10 +1,13 @@
 """train: fit a built model on the augmented TFRecords, with regularization and checkpoints.
 
-L1/L2 and dropout live in the built model; early stopping, the learning rate and checkpoints
-are set here. `fit` is shared with finetune, which trains in two phases.
+L1/L2 and dropout live in the built model; the optimizer, learning-rate schedule, early
+stopping and checkpoints are set here. `fit` is shared with finetune, which trains in two phases.
 """
 from __future__ import annotations
 
+import csv
+import math
+import os
 import time
 from pathlib import Path
 
@@ -15,56 +18,119 @@ from kflift.components.data import (load_model, load_split, publish_dir, read_me
                                     split_size, staging_dir, write_json)
 
 
-def compile_model(model: keras.Model, num_classes: int, learning_rate: float) -> None:
+OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+              "rmsprop": keras.optimizers.RMSprop, "adamw": keras.optimizers.AdamW}
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+
+
+def compile_model(model: keras.Model, num_classes: int, learning_rate: float, optimizer: str = "adam") -> None:
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=OPTIMIZERS[optimizer](learning_rate), loss=loss, metrics=["accuracy"])
 
 
-def fit(model: keras.Model, dataset_dir: str, work: Path, *, epochs: int, batch_size: int,
-        learning_rate: float, patience: int = 0, seed: int = 42, phase: str = "") -> list[dict]:
-    """Compile and fit; a checkpoint each epoch; early stopping when `patience` > 0.
+def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor: str, patience: int):
+    """The learning-rate schedule as a Keras callback (epoch-based), or None for constant."""
+    if schedule == "cosine":
+        return keras.callbacks.LearningRateScheduler(
+            lambda e: learning_rate * 0.5 * (1 + math.cos(math.pi * e / max(1, epochs))))
+    if schedule == "step":  # halve every third of the run
+        return keras.callbacks.LearningRateScheduler(lambda e: learning_rate * 0.5 ** (e // max(1, epochs // 3)))
+    if schedule == "plateau":
+        return keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=max(1, patience // 2 or 1))
+    if schedule != "constant":
+        raise ValueError(f"unknown learning-rate schedule '{schedule}' (choose from {SCHEDULES})")
+    return None
 
-    Returns the per-epoch history (keys prefixed by `phase` when given).
+
+def last_checkpoint(checkpoint_dir: Path, phase: str = "epoch") -> tuple[Path | None, int]:
+    """The newest complete checkpoint of a phase and its epoch number (0 when none)."""
+    found = sorted(checkpoint_dir.glob(f"{phase}-[0-9][0-9][0-9].keras"))
+    return (found[-1], int(found[-1].stem.rsplit("-", 1)[1])) if found else (None, 0)
+
+
+class _AtomicCheckpoint(keras.callbacks.Callback):
+    """Save the whole model (optimizer state too) each epoch under a temporary name, then rename:
+    a process killed mid-save leaves the previous checkpoint intact."""
+
+    def __init__(self, checkpoint_dir: Path, phase: str):
+        super().__init__()
+        self.dir, self.phase = checkpoint_dir, phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        final = self.dir / f"{self.phase}-{epoch + 1:03d}.keras"
+        tmp = self.dir / f".{final.stem}.partial.keras"
+        self.model.save(tmp)
+        os.replace(tmp, final)
+
+
+def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: int, batch_size: int,
+        learning_rate: float, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
+        seed: int = 42, phase: str = "", resume: bool = False, augmented: bool = True
+        ) -> tuple[keras.Model, list[dict]]:
+    """Compile and fit with a checkpoint each epoch; early stopping when `patience` > 0.
+
+    With `resume`, continue from the newest checkpoint of this phase. Returns the trained model
+    and the per-epoch history (keys prefixed by `phase` when given).
     """
     meta = read_meta(dataset_dir)
-    keras.utils.set_random_seed(seed)
-    compile_model(model, meta["num_classes"], learning_rate)
-    train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed)
+    tag = phase or "epoch"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    log_path = checkpoint_dir / f"{tag}-history.csv"
+    checkpoint, done = last_checkpoint(checkpoint_dir, tag) if resume else (None, 0)
+    keras.utils.set_random_seed(seed + done)
+    if checkpoint is not None:
+        print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
+        model = keras.models.load_model(checkpoint)  # weights and optimizer state
+    else:
+        log_path.unlink(missing_ok=True)
+        compile_model(model, meta["num_classes"], learning_rate, optimizer)
+    train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented)
     has_val = split_size(dataset_dir, "val") > 0
     val_ds = load_split(dataset_dir, "val", batch_size) if has_val else None
     monitor = "val_loss" if has_val else "loss"
-    ckpt_dir = work / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [keras.callbacks.ModelCheckpoint(
-        str(ckpt_dir / f"{phase or 'epoch'}-{{epoch:03d}}.keras"), save_weights_only=False)]
+    callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
     if patience > 0:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                                        restore_best_weights=True))
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=2)
-    keys = list(hist.history)
-    return [{f"{phase + '_' if phase else ''}{k}": float(hist.history[k][i]) for k in keys}
-            for i in range(len(hist.epoch))]
+    # Last, so they see every metric the others added (the learning rate among them).
+    callbacks += [keras.callbacks.CSVLogger(str(log_path), append=True), _AtomicCheckpoint(checkpoint_dir, tag)]
+    if done < epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, callbacks=callbacks,
+                  verbose=2)
+    # The CSV log holds every epoch, those before a crash included.
+    with log_path.open() as f:
+        rows = list(csv.DictReader(f))
+    prefix = f"{phase}_" if phase else ""
+    return model, [{prefix + k: float(v) for k, v in row.items() if k != "epoch"} for row in rows]
 
 
 def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, batch_size: int = 64,
-          learning_rate: float = 1e-3, patience: int = 0, seed: int = 42, name: str = "model") -> dict:
-    """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`."""
+          learning_rate: float = 1e-3, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
+          seed: int = 42, name: str = "model", checkpoint_dir: str | None = None, resume: bool = False,
+          augmented: bool = True) -> dict:
+    """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`.
+
+    Checkpoints go to `checkpoint_dir` (default: beside the output), which outlives a crash:
+    `resume=True` continues from the newest one.
+    """
     start = time.time()
-    model = load_model(model_dir)
-    work = staging_dir(output_dir)
-    history = fit(model, dataset_dir, work, epochs=epochs, batch_size=batch_size,
-                  learning_rate=learning_rate, patience=patience, seed=seed)
+    ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
+    model, history = fit(load_model(model_dir), dataset_dir, ckpt, epochs=epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, patience=patience,
+                         seed=seed, resume=resume, augmented=augmented)
     seconds = time.time() - start
+    work = staging_dir(output_dir)
     save_model(model, work)
     curve = plots.learning_curve(history, work / "learning_curve.png", f"{name}: learning curve")
     write_json(work / "history.json", history)
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
-    n_train = split_size(dataset_dir, "train")
+    n_train = split_size(dataset_dir, "train", augmented)
     best = _best(history)
     return {
         "params": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                   "early_stopping_patience": patience, "seed": seed},
+                   "optimizer": optimizer, "schedule": schedule, "early_stopping_patience": patience,
+                   "seed": seed, "resumed": resume, "augmented_data": augmented},
         "metrics": {"epochs_run": len(history), "train_images_per_second": n_train * len(history) / seconds,
                     **best, **{f"final_{k}": v for k, v in history[-1].items()}},
         "history": history,

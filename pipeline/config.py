@@ -66,10 +66,13 @@ class TrainConfig(_Section):
     epochs: int = Field(8, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
     seed: int = 42
 
 
 class RegularizationConfig(_Section):
+    l1: float = Field(0.0, ge=0.0, le=1.0)
     l2: float = Field(1e-4, ge=0.0, le=1.0)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     patience: int = Field(3, ge=1, description="early-stopping patience in epochs")
@@ -106,6 +109,7 @@ class TransferConfig(_Section):
 class EvaluateConfig(_Section):
     metric: Literal["accuracy", "f1", "precision", "recall"] = "accuracy"
     min_metric: float = Field(0.0, ge=0.0, le=1.0, description="quality gate")
+    ablation: bool = Field(False, description="train each lever alone and all together, side by side")
     registry_name: str = Field("kflift-classifier", min_length=1, description="MLflow registered model")
 
 

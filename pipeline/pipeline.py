@@ -13,7 +13,7 @@ def make_pipeline(cfg: Config):
     ops = make_components(cfg.images.cpu, cfg.images.gpu)
     aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
     augment_args = aug.stage_kwargs()
-    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, seed=tr.seed)
+    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, optimizer=tr.optimizer, seed=tr.seed)
     has_source = tx.weights == "pipeline"
 
     @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
@@ -25,18 +25,25 @@ def make_pipeline(cfg: Config):
         target = ops.augment(tracking=tracking, stage="augment", data_dir=data_dir, include_classes=[],
                              exclude_classes=tx.source_classes, **augment_args)
 
-        def build_and_train(name, dataset, dropout, l2, patience, epochs):
+        def build_and_train(name, dataset, epochs, augmented=True, dropout=0.0, l1=0.0, l2=0.0, patience=0):
             built = ops.build(tracking=tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
                               architecture=cfg.model.architecture, width=cfg.model.width,
-                              dropout=dropout, l2=l2, seed=tr.seed,
+                              dropout=dropout, l1=l1, l2=l2, seed=tr.seed,
                               online_ops=aug.ops.model_dump() if aug.online else {})
             return on_gpu(ops.train(tracking=tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
                                     untrained=built.outputs["model"], epochs=epochs, patience=patience,
-                                    **fit_args), cfg)
+                                    schedule=tr.schedule, augmented=augmented, **fit_args), cfg)
 
-        baseline = build_and_train("baseline", target, dropout=0.0, l2=0.0, patience=0, epochs=tr.epochs)
-        regularized = build_and_train("regularized", target, dropout=reg.dropout, l2=reg.l2,
-                                      patience=reg.patience, epochs=tr.epochs)
+        # Each candidate pulls some levers: offline augmentation (the augmented copies), regularization
+        # (L1/L2, dropout, early stopping), transfer. The baseline pulls none.
+        candidates = {"baseline": build_and_train("baseline", target, epochs=tr.epochs, augmented=False)}
+        regularize = dict(dropout=reg.dropout, l1=reg.l1, l2=reg.l2, patience=reg.patience)
+        if cfg.evaluate.ablation:  # each lever alone, then all together
+            candidates["augmentation"] = build_and_train("augmentation", target, epochs=tr.epochs)
+            candidates["regularization"] = build_and_train("regularization", target, epochs=tr.epochs,
+                                                           augmented=False, **regularize)
+        else:
+            candidates["regularized"] = build_and_train("regularized", target, epochs=tr.epochs, **regularize)
 
         pretrained = {}
         if has_source:
@@ -44,18 +51,26 @@ def make_pipeline(cfg: Config):
             source = ops.augment(tracking=tracking, stage="augment-source", data_dir=source_dir,
                                  include_classes=[] if tx.source_dir else tx.source_classes,
                                  exclude_classes=[], **augment_args).after(target)
-            pretrained = {"pretrained": build_and_train("backbone", source, dropout=0.0, l2=reg.l2, patience=0,
-                                                        epochs=tx.pretrain_epochs).outputs["model"]}
-        transfer = on_gpu(ops.finetune(
-            tracking=tracking, stage="finetune", dataset=target.outputs["dataset"], weights=tx.weights,
-            backbone=tx.backbone, frozen_epochs=tx.frozen_epochs, finetune_epochs=tx.finetune_epochs,
-            unfreeze=tx.unfreeze_top, lr_factor=tx.finetune_lr_factor, patience=reg.patience,
-            **fit_args, **pretrained), cfg)
+            backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs, l2=reg.l2)
+            pretrained = {"pretrained": backbone.outputs["model"]}
+        def finetune(name, augmented):
+            return on_gpu(ops.finetune(
+                tracking=tracking, stage=f"finetune-{name}" if cfg.evaluate.ablation else "finetune",
+                dataset=target.outputs["dataset"], weights=tx.weights, backbone=tx.backbone,
+                frozen_epochs=tx.frozen_epochs, finetune_epochs=tx.finetune_epochs, unfreeze=tx.unfreeze_top,
+                lr_factor=tx.finetune_lr_factor, patience=reg.patience, augmented=augmented, **fit_args,
+                **pretrained), cfg)
 
-        return ops.evaluate(tracking=tracking, dataset=target.outputs["dataset"], baseline=baseline.outputs["model"],
-                     regularized=regularized.outputs["model"], transfer=transfer.outputs["model"],
-                     metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric,
-                            registry_name=cfg.evaluate.registry_name).outputs["evaluation"]
+        if cfg.evaluate.ablation:
+            candidates["transfer"] = finetune("transfer", augmented=False)
+            candidates["all"] = finetune("all", augmented=True)
+        else:
+            candidates["transfer"] = finetune("transfer", augmented=True)
+
+        models = {f"model_{i}": task.outputs["model"] for i, task in enumerate(candidates.values(), start=1)}
+        return ops.evaluate(tracking=tracking, dataset=target.outputs["dataset"], names=list(candidates),
+                            metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric,
+                            registry_name=cfg.evaluate.registry_name, **models).outputs["evaluation"]
 
     return kflift
 

@@ -24,46 +24,51 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
 
 
 def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture: str, width: float,
-               dropout: float, l2: float, seed: int, online_ops: dict, model: Output[Model]):
+               dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model]):
     from kflift.components import build, tracking as mlf
 
     mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
-                  architecture=architecture, width=width, dropout=dropout, l2=l2, seed=seed,
+                  architecture=architecture, width=width, dropout=dropout, l1=l1, l2=l2, seed=seed,
                   online_ops=online_ops)
 
 
 def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,
-               batch_size: int, learning_rate: float, patience: int, seed: int,
+               batch_size: int, learning_rate: float, optimizer: str, schedule: str, patience: int, seed: int,
+               augmented: bool,
                model: Output[Model], metrics: Output[Metrics]):
     from kflift.components import tracking as mlf, train
 
     mlf.run_stage(stage, train.train, tracking, metrics, dataset_dir=dataset.path, model_dir=untrained.path,
                   output_dir=model.path, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                  patience=patience, seed=seed, name=stage)
+                  optimizer=optimizer, schedule=schedule, patience=patience, seed=seed, name=stage,
+                  augmented=augmented)
 
 
 def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: str, backbone: str,
-                  frozen_epochs: int, finetune_epochs: int, unfreeze: int, learning_rate: float,
-                  lr_factor: float, batch_size: int, patience: int, seed: int,
+                  frozen_epochs: int, finetune_epochs: int, unfreeze: int, learning_rate: float, optimizer: str,
+                  lr_factor: float, batch_size: int, patience: int, seed: int, augmented: bool,
                   model: Output[Model], metrics: Output[Metrics], pretrained: Input[Model] = None):
     from kflift.components import finetune, tracking as mlf
 
     mlf.run_stage(stage, finetune.finetune, tracking, metrics, dataset_dir=dataset.path, output_dir=model.path,
                   pretrained_dir=pretrained.path if pretrained else None, weights=weights, backbone=backbone,
                   frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,
-                  learning_rate=learning_rate, lr_factor=lr_factor, batch_size=batch_size, patience=patience,
-                  seed=seed)
+                  learning_rate=learning_rate, optimizer=optimizer, lr_factor=lr_factor, batch_size=batch_size,
+                  patience=patience, seed=seed, augmented=augmented)
 
 
-def evaluate_step(tracking: dict, dataset: Input[Dataset], baseline: Input[Model], regularized: Input[Model],
-                  transfer: Input[Model], metric: str, min_metric: float, registry_name: str,
-                  evaluation: Output[Artifact], metrics: Output[Metrics], winner_metrics: Output[ClassificationMetrics],
-                  comparison: Output[Markdown]):
+def evaluate_step(tracking: dict, dataset: Input[Dataset], names: list, metric: str, min_metric: float,
+                  registry_name: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+                  winner_metrics: Output[ClassificationMetrics], comparison: Output[Markdown],
+                  model_1: Input[Model], model_2: Input[Model] = None, model_3: Input[Model] = None,
+                  model_4: Input[Model] = None, model_5: Input[Model] = None, model_6: Input[Model] = None):
+    """Candidates arrive as model_1.. in the order of `names` (KFP needs a fixed signature)."""
     import shutil
 
     from kflift.components import evaluate, tracking as mlf
 
-    candidates = {"baseline": baseline.path, "regularized": regularized.path, "transfer": transfer.path}
+    models = [model_1, model_2, model_3, model_4, model_5, model_6]
+    candidates = {name: model.path for name, model in zip(names, models)}
     result = mlf.run_stage("evaluate", evaluate.evaluate, tracking, metrics, dataset_dir=dataset.path,
                            candidates=candidates, output_dir=evaluation.path, metric=metric,
                            min_metric=min_metric, baseline="baseline", registry_name=registry_name)

@@ -26,7 +26,25 @@ def test_compiled_dag_has_every_stage_and_candidate(tmp_path):
     # target + source augment; baseline, regularized, backbone builds and trainings
     assert len(tasks) == 10
     evaluate = next(t for n, t in tasks.items() if n.startswith("evaluate"))
-    assert set(evaluate["inputs"]["artifacts"]) == {"dataset", "baseline", "regularized", "transfer"}
+    assert set(evaluate["inputs"]["artifacts"]) == {"dataset", "model_1", "model_2", "model_3"}
+    assert evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"] == [
+        "baseline", "regularized", "transfer"]
+
+
+def test_ablation_trains_each_lever_alone_and_all_together(tmp_path):
+    spec, _ = compiled(tmp_path, "evaluate.ablation=true")
+    tasks = spec["root"]["dag"]["tasks"]
+    evaluate = next(t for n, t in tasks.items() if n.startswith("evaluate"))
+    assert evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"] == [
+        "baseline", "augmentation", "regularization", "transfer", "all"]
+    assert len(evaluate["inputs"]["artifacts"]) == 6  # dataset + five candidates
+    flags = {}
+    for task in tasks.values():
+        params = task["inputs"]["parameters"]
+        if "augmented" in params:
+            flags[params["stage"]["runtimeValue"]["constant"]] = params["augmented"]["runtimeValue"]["constant"]
+    assert flags == {"train-baseline": False, "train-augmentation": True, "train-regularization": False,
+                     "train-backbone": True, "finetune-transfer": False, "finetune-all": True}
 
 
 def test_train_and_finetune_ask_for_a_gpu_node(tmp_path):

@@ -1,0 +1,74 @@
+"""Training levers observable on small data: early stopping, schedules, L1, resume after kill -9."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from kflift.components import build, train
+from kflift.components.data import load_model, split_size
+
+
+def test_early_stopping_stops_before_the_epoch_budget(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    # a learning rate far too high: validation loss stops improving at once
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=30,
+                         learning_rate=0.5, patience=2)
+    assert result["metrics"]["epochs_run"] < 30
+    assert result["metrics"]["epochs_run"] >= 3
+
+
+def test_cosine_schedule_lowers_the_learning_rate(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=4,
+                         learning_rate=0.01, schedule="cosine")
+    rates = [e["learning_rate"] for e in result["history"]]
+    assert rates[0] == np.float32(0.01) and rates == sorted(rates, reverse=True) and rates[-1] < 0.005
+
+
+def test_l1_and_l2_add_weight_penalties(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "l1"), l1=1e-3)
+    model = load_model(tmp_path / "l1")
+    model(np.ones((1, 32, 32, 3), "float32"))
+    kernels = [model.get_layer(n).kernel.numpy() for n in ("conv1", "conv2", "features")]
+    expected = sum(1e-3 * np.abs(k).sum() for k in kernels)
+    assert np.isclose(float(sum(model.losses)), expected, rtol=1e-4)
+
+
+def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tmp_path):
+    assert split_size(cifar_dataset, "train", augmented=False) * 2 == split_size(cifar_dataset, "train")
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=1, augmented=False)
+    assert result["params"]["augmented_data"] is False
+
+
+def test_resume_after_kill_9_continues_from_the_last_checkpoint(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    code = ("import sys; from kflift.components.train import train; "
+            f"train({str(cifar_dataset)!r}, {str(tmp_path / 'u')!r}, {str(tmp_path / 'm')!r}, epochs=6, "
+            "resume='--resume' in sys.argv)")
+    ckpt = tmp_path / "m.checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ckpt / "epoch-002.keras").exists():  # wait for two finished epochs, then kill -9
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in ckpt.glob("epoch-*.keras"))
+    assert 2 <= len(done) < 6 and not (tmp_path / "m").exists()  # no output published by the killed run
+
+    resumed = subprocess.run([sys.executable, "-c", code, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming epoch from {ckpt / done[-1]} (epoch {len(done)} of 6)" in resumed.stdout
+    history = load_history(tmp_path / "m")
+    assert len(history) == 6  # the killed run's epochs and the resumed ones, once each
+    assert sorted(p.name for p in ckpt.glob("epoch-*.keras"))[-1] == "epoch-006.keras"
+
+
+def load_history(model_dir):
+    import json
+
+    return json.loads((model_dir / "history.json").read_text())
