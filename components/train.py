@@ -63,6 +63,16 @@ class _AtomicCheckpoint(keras.callbacks.Callback):
         os.replace(tmp, final)
 
 
+def _truncate_log(log_path: Path, epochs: int) -> None:
+    """Keep the CSV history of the checkpointed epochs only: a kill can land between the log row
+    and the checkpoint of an epoch, which the resumed run then trains again."""
+    if log_path.exists():
+        lines = log_path.read_text().splitlines(keepends=True)
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("".join(lines[: 1 + epochs]))
+        os.replace(tmp, log_path)
+
+
 def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: int, batch_size: int,
         learning_rate: float, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
         seed: int = 42, phase: str = "", resume: bool = False, augmented: bool = True
@@ -81,6 +91,7 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     if checkpoint is not None:
         print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
         model = keras.models.load_model(checkpoint)  # weights and optimizer state
+        _truncate_log(log_path, done)
     else:
         log_path.unlink(missing_ok=True)
         compile_model(model, meta["num_classes"], learning_rate, optimizer)

@@ -49,7 +49,7 @@ def test_train_checkpoints_each_epoch_and_logs_curves(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "untrained"))
     result = train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "trained"), epochs=3)
     assert result["metrics"]["epochs_run"] == 3 and len(result["history"]) == 3
-    assert sorted(p.name for p in (tmp_path / "trained" / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "trained.checkpoints").glob("*.keras")) == [
         "epoch-001.keras", "epoch-002.keras", "epoch-003.keras"]
     assert (tmp_path / "trained" / "learning_curve.png").stat().st_size > 1000
     before = load_model(tmp_path / "untrained").get_layer("conv1").get_weights()[0]

@@ -1,0 +1,59 @@
+"""Train-stage throughput against a bare `model.fit` on the same data and model, in one run.
+
+    python bench/train.py [--data DIR] [--epochs N]
+
+Augments automobile vs truck of the shared CIFAR-10 vehicles once, then times (1) a bare
+Keras `model.fit` over the same tf.data pipeline and (2) the train stage function (checkpoints
+each epoch, CSV log, schedule, learning curve, atomic output). Prints images/s and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar10-vehicles"))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    from kflift.components import build, train
+    from kflift.components.augment import augment
+    from kflift.components.data import load_model, load_split, read_meta, split_size
+
+    work = Path(tempfile.mkdtemp(prefix="kflift-bench-train-"))
+    augment(args.data, str(work / "data"), include_classes=["automobile", "truck"], copies=1)
+    dataset = str(work / "data")
+    build.build(dataset, str(work / "untrained"))
+    n = split_size(dataset, "train")
+
+    # Bare: the same model and tf.data pipeline, plain compile + fit, nothing else.
+    model = load_model(work / "untrained")
+    train.compile_model(model, read_meta(dataset)["num_classes"], 1e-3)
+    data = load_split(dataset, "train", args.batch_size, shuffle=True)
+    val = load_split(dataset, "val", args.batch_size)
+    start = time.perf_counter()
+    model.fit(data, validation_data=val, epochs=args.epochs, verbose=0)
+    bare = n * args.epochs / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    train.train(dataset, str(work / "untrained"), str(work / "trained"), epochs=args.epochs,
+                batch_size=args.batch_size)
+    stage = n * args.epochs / (time.perf_counter() - start)
+
+    print(f"training images: {n}, epochs: {args.epochs}, batch size: {args.batch_size}")
+    print(f"bare model.fit:  {bare:8.0f} images/s")
+    print(f"train stage:     {stage:8.0f} images/s  (load, checkpoints, CSV log, curve, atomic save)")
+    print(f"ratio stage/bare: {stage / bare:.3f}  (goal >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The MLflow layout on a real SQLite store: parent, nested stage runs, artifacts, registry alias."""
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kflift.components import tracking
+
+
+def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    parent = tracking.start_parent_run(uri, "exp", "run-1", {"train": {"epochs": 3}})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "saved_model.pb").write_bytes(b"x")
+    (tmp_path / "curve.png").write_bytes(b"png")
+
+    def stage(value):
+        return {"params": {"value": value, "classes": ["a", "b"]}, "metrics": {"acc": value, "nested": {"n": 2}},
+                "history": [{"loss": 1.0}, {"loss": 0.5}],
+                "artifacts": [("plots", tmp_path / "curve.png"), ("evaluation/serving", tmp_path / "model")],
+                "register": {"name": "clf", "artifact_path": "evaluation/serving", "candidate": "transfer"}}
+
+    tracking.run_stage("evaluate", stage, {"uri": uri, "parent_run_id": parent}, value=0.75)
+    client = MlflowClient(uri)
+    runs = tracking.stage_runs(uri, parent)
+    assert set(runs) == {"evaluate"} and runs["evaluate"]["status"] == "FINISHED"
+    child = client.get_run(runs["evaluate"]["run_id"])
+    assert child.data.params == {"value": "0.75", "classes": "a,b"}
+    assert child.data.metrics["acc"] == 0.75 and child.data.metrics["nested.n"] == 2
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "loss")] == [1.0, 0.5]
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "plots")} == {"plots/curve.png"}
+    version = client.get_model_version_by_alias("clf", "champion")
+    assert version.run_id == child.info.run_id and version.tags["kflift.candidate"] == "transfer"
+    # a second run registers a new version and moves the alias
+    tracking.run_stage("evaluate", stage, {"uri": uri, "parent_run_id": parent}, value=0.8)
+    assert int(client.get_model_version_by_alias("clf", "champion").version) == int(version.version) + 1
+
+
+def test_a_failing_stage_is_marked_failed(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    parent = tracking.start_parent_run(uri, "exp", "run-2", {})
+
+    def broken():
+        raise ValueError("bad input file x.png")
+
+    with pytest.raises(ValueError, match="x.png"):
+        tracking.run_stage("train-baseline", broken, {"uri": uri, "parent_run_id": parent})
+    assert tracking.stage_runs(uri, parent)["train-baseline"]["status"] == "FAILED"
+
+
+def test_cluster_runs_share_one_parent_found_by_run_id(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    ctx = {"uri": uri, "experiment": "exp", "job_id": "kfp-job-7"}
+    for stage in ("augment", "build-baseline"):
+        tracking.run_stage(stage, lambda: {}, ctx)
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
+                                 filter_string="tags.`kflift.run_id` = 'kfp-job-7'")
+    top = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1 and set(tracking.stage_runs(uri, top[0].info.run_id)) == {"augment", "build-baseline"}
+
+
+def test_unreachable_server_gives_one_clear_error():
+    with pytest.raises(tracking.TrackingError, match="not usable"):
+        tracking.start_parent_run("http://127.0.0.1:9", "exp", "run-3", {})
