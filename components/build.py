@@ -85,12 +85,15 @@ def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: 
           dropout: float = 0.0, l1: float = 0.0, l2: float = 0.0, seed: int = 42,
           online_ops: dict | None = None) -> dict:
     """Build the model for a dataset (size and classes from augment's meta) and save it."""
-    from kflift.components.data import read_meta, save_model
+    from kflift.components.data import read_meta, save_model, write_json
 
     meta = read_meta(dataset_dir)
     model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l1, l2, seed,
                         online_ops)
     save_model(model, Path(output_path))
+    params = {"architecture": architecture, "width": width, "dropout": dropout, "l1": l1, "l2": l2,
+              "online_augmentation": bool(online_ops)}
+    write_json(Path(output_path) / "params.json", params)
     return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l1": l1, "l2": l2,
                        "online_augmentation": bool(online_ops),
                        "num_classes": meta["num_classes"], "image_size": meta["image_size"]},

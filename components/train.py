@@ -6,6 +6,7 @@ stopping and checkpoints are set here. `fit` is shared with finetune, which trai
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -134,19 +135,27 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, b
     save_model(model, work)
     curve = plots.learning_curve(history, work / "learning_curve.png", f"{name}: learning curve")
     write_json(work / "history.json", history)
+    params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
+              "schedule": schedule, "early_stopping_patience": patience, "seed": seed, "resumed": resume,
+              "augmented_data": augmented, **load_model_params(model_dir)}
+    write_json(work / "params.json", params)
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
     n_train = split_size(dataset_dir, "train", augmented)
     best = _best(history)
     return {
-        "params": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                   "optimizer": optimizer, "schedule": schedule, "early_stopping_patience": patience,
-                   "seed": seed, "resumed": resume, "augmented_data": augmented},
+        "params": params,
         "metrics": {"epochs_run": len(history), "train_images_per_second": n_train * len(history) / seconds,
                     **best, **{f"final_{k}": v for k, v in history[-1].items()}},
         "history": history,
         "artifacts": [("plots", out / curve.name), ("model", out / "model.keras"), (None, out / "history.json")],
     }
+
+
+def load_model_params(model_dir: str) -> dict:
+    """What the build stage recorded about the model (architecture, regularization)."""
+    path = Path(model_dir) / "params.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _best(history: list[dict]) -> dict:

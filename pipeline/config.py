@@ -68,6 +68,9 @@ class TrainConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    sweep: dict[Literal["learning_rate", "l1", "l2", "dropout"], list[float]] = Field(
+        default_factory=dict, description="grid, e.g. {learning_rate: [1e-3, 3e-3], l2: [0, 1e-4]}; "
+        "each point trains in parallel (augmented data + regularization) and the best goes on")
     seed: int = 42
 
 

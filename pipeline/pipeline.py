@@ -5,6 +5,7 @@ where the data is and where tracking goes stay pipeline parameters.
 """
 from kfp import dsl, kubernetes
 
+from kflift.components.sweep import grid_points
 from kflift.pipeline.config import Config
 from kflift.pipeline.steps import make_components
 
@@ -45,6 +46,20 @@ def make_pipeline(cfg: Config):
         else:
             candidates["regularized"] = build_and_train("regularized", target, epochs=tr.epochs, **regularize)
 
+        if tr.sweep:  # a grid of the regularized candidate, in parallel; the best goes on
+            points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, **regularize})
+            with dsl.ParallelFor(points) as point:
+                built = ops.build(tracking=tracking, stage="build-sweep", dataset=target.outputs["dataset"],
+                                  architecture=cfg.model.architecture, width=cfg.model.width, sweep_point=point,
+                                  dropout=reg.dropout, l1=reg.l1, l2=reg.l2, seed=tr.seed,
+                                  online_ops=aug.ops.model_dump() if aug.online else {})
+                trained = on_gpu(ops.train(
+                    tracking=tracking, stage="train-sweep", dataset=target.outputs["dataset"],
+                    untrained=built.outputs["model"], epochs=tr.epochs, patience=reg.patience,
+                    schedule=tr.schedule, augmented=True, sweep_point=point, **fit_args), cfg)
+            candidates["sweep-best"] = ops.select_best(tracking=tracking, metric="val_accuracy",
+                                                       models=dsl.Collected(trained.outputs["model"]))
+
         pretrained = {}
         if has_source:
             # After the target's augment: on a cluster the first stage creates the MLflow parent run.
@@ -67,7 +82,8 @@ def make_pipeline(cfg: Config):
         else:
             candidates["transfer"] = finetune("transfer", augmented=True)
 
-        models = {f"model_{i}": task.outputs["model"] for i, task in enumerate(candidates.values(), start=1)}
+        models = {f"model_{i}": task.outputs["model" if "model" in task.outputs else "best"]
+                  for i, task in enumerate(candidates.values(), start=1)}
         return ops.evaluate(tracking=tracking, dataset=target.outputs["dataset"], names=list(candidates),
                             metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric,
                             registry_name=cfg.evaluate.registry_name, **models).outputs["evaluation"]

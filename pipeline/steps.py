@@ -5,6 +5,7 @@ needs. `tracking` is a dict of MLflow coordinates (uri, experiment, parent_run_i
 The images come from config: `make_components` binds them.
 """
 from types import SimpleNamespace
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -24,9 +25,13 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
 
 
 def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture: str, width: float,
-               dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model]):
+               dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model],
+               sweep_point: dict = {}):
+    """`sweep_point` (a grid point of a ParallelFor) overrides the regularization and stage name."""
     from kflift.components import build, tracking as mlf
 
+    stage, dropout, l1, l2 = (sweep_point.get(k, v) for k, v in
+                              (("build_stage", stage), ("dropout", dropout), ("l1", l1), ("l2", l2)))
     mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
                   architecture=architecture, width=width, dropout=dropout, l1=l1, l2=l2, seed=seed,
                   online_ops=online_ops)
@@ -34,9 +39,12 @@ def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture
 
 def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,
                batch_size: int, learning_rate: float, optimizer: str, schedule: str, patience: int, seed: int,
-               augmented: bool,
-               model: Output[Model], metrics: Output[Metrics]):
+               augmented: bool, model: Output[Model], metrics: Output[Metrics], sweep_point: dict = {}):
+    """`sweep_point` (a grid point of a ParallelFor) overrides the learning rate and stage name."""
     from kflift.components import tracking as mlf, train
+
+    stage = sweep_point.get("train_stage", stage)
+    learning_rate = sweep_point.get("learning_rate", learning_rate)
 
     mlf.run_stage(stage, train.train, tracking, metrics, dataset_dir=dataset.path, model_dir=untrained.path,
                   output_dir=model.path, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -55,6 +63,13 @@ def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: 
                   frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,
                   learning_rate=learning_rate, optimizer=optimizer, lr_factor=lr_factor, batch_size=batch_size,
                   patience=patience, seed=seed, augmented=augmented)
+
+
+def select_best_step(tracking: dict, models: Input[List[Model]], metric: str, best: Output[Model]):
+    from kflift.components import sweep, tracking as mlf
+
+    mlf.run_stage("sweep-select", sweep.select_best, tracking, model_dirs=[m.path for m in models],
+                  output_dir=best.path, metric=metric)
 
 
 def evaluate_step(tracking: dict, dataset: Input[Dataset], names: list, metric: str, min_metric: float,
@@ -89,5 +104,6 @@ def make_components(cpu_image: str, gpu_image: str) -> SimpleNamespace:
         build=component(build_step, cpu_image),
         train=component(train_step, gpu_image),
         finetune=component(finetune_step, gpu_image),
+        select_best=component(select_best_step, cpu_image),
         evaluate=component(evaluate_step, cpu_image),
     )

@@ -15,8 +15,12 @@ STAGES = {"augment", "augment-source", "build-baseline", "build-regularized", "b
 
 @pytest.mark.parametrize("dataset", ["cifar", "digits"])
 def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tmp_path):
-    if dataset == "cifar":
-        args = ["--data", str(tiny_cifar), "--set", "transfer.source_classes=airplane,ship"]
+    stages, candidates = set(STAGES), {"baseline", "regularized", "transfer"}
+    if dataset == "cifar":  # with a two-point learning-rate sweep fanned out by dsl.ParallelFor
+        args = ["--data", str(tiny_cifar), "--set", "transfer.source_classes=airplane,ship",
+                "--set", "train.sweep={learning_rate: [0.001, 0.003]}"]
+        stages |= {"build-sweep-0", "build-sweep-1", "train-sweep-0", "train-sweep-1", "sweep-select"}
+        candidates.add("sweep-best")
     else:
         args = ["--data", str(tiny_digits)]  # default demo: digits 0-4 are the transfer source
     out = tmp_path / "out"
@@ -29,8 +33,8 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tm
     assert "winner:" in proc.stdout and "kflift ui --output" in proc.stdout
     summary = json.loads(summary_path.read_text())
     assert summary["run_id"] == run_id
-    assert set(summary["stages"]) == STAGES and all(s > 0 for s in summary["stages"].values())
-    assert set(summary["candidates"]) == {"baseline", "regularized", "transfer"}
+    assert set(summary["stages"]) == stages and all(s > 0 for s in summary["stages"].values())
+    assert set(summary["candidates"]) == candidates
     assert summary["winner"] in summary["candidates"] or summary["winner"] is None
     for metrics in summary["candidates"].values():
         assert 0.0 <= metrics["accuracy"] <= 1.0 and "f1" in metrics
@@ -42,7 +46,7 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tm
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["kflift.stage"]: r for r in children}
-    assert set(by_stage) == STAGES
+    assert set(by_stage) == stages
     assert all(r.info.status == "FINISHED" for r in children)
 
     def artifacts(stage, path=""):
@@ -56,6 +60,10 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tm
     history = client.get_metric_history(by_stage["train-baseline"].info.run_id, "accuracy")
     assert [m.step for m in history] == [0, 1]
     assert "frozen_weights_changed_in_phase1" in by_stage["finetune"].data.metrics
+    if dataset == "cifar":
+        lrs = {by_stage[f"train-sweep-{i}"].data.params["learning_rate"] for i in (0, 1)}
+        assert lrs == {"0.001", "0.003"}
+        assert by_stage["sweep-select"].data.params["best.learning_rate"] in lrs
     assert {"evaluation/confusion_baseline.png", "evaluation/comparison.md", "evaluation/report.json"} <= \
         artifacts("evaluate", "evaluation")
     assert by_stage["evaluate"].data.metrics["transfer.accuracy"] == summary["candidates"]["transfer"]["accuracy"]

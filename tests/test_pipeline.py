@@ -1,4 +1,5 @@
 """The compiled KFP pipeline: the DAG's tasks, their images and the GPU request."""
+import json
 import re
 
 import yaml
@@ -74,3 +75,16 @@ def test_no_source_compiles_the_imagenet_path(tmp_path):
     spec, _ = compiled(tmp_path, "transfer.weights=imagenet", "transfer.backbone=mobilenetv2")
     tasks = spec["root"]["dag"]["tasks"]
     assert len(tasks) == 7  # augment, 2 builds, 2 trainings, finetune, evaluate: no source branch
+
+
+def test_sweep_fans_out_with_parallel_for_and_the_best_goes_on(tmp_path):
+    spec, _ = compiled(tmp_path, "train.sweep={learning_rate: [0.001, 0.003], l2: [0, 0.0001]}")
+    tasks = spec["root"]["dag"]["tasks"]
+    loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
+    items = json.loads(loop["parameterIterator"]["items"]["raw"])
+    assert len(items) == 4 and {(p["learning_rate"], p["l2"]) for p in items} == {
+        (0.001, 0), (0.001, 0.0001), (0.003, 0), (0.003, 0.0001)}
+    assert len({p["train_stage"] for p in items}) == 4  # one nested MLflow run per point
+    evaluate = next(t for n, t in tasks.items() if n.startswith("evaluate"))
+    assert "sweep-best" in evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"]
+    assert any(n.startswith("select-best") for n in tasks)
