@@ -58,18 +58,33 @@ def build_model(
     l2: float = 0.0,
     seed: int = 42,
     online_ops: dict | None = None,
+    depth: int = 2,
+    batch_norm: bool = False,
+    global_pool: bool = False,
 ) -> keras.Model:
-    """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model."""
+    """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model.
+
+    CNN variants: `width` scales filters and units, `depth` sets the conv blocks (filters double
+    each block), `batch_norm` adds BatchNormalization after each conv, `global_pool` replaces
+    Flatten with global average pooling.
+    """
     keras.utils.set_random_seed(seed)
     reg = regularizers.L1L2(l1=l1, l2=l2) if (l1 > 0 or l2 > 0) else None
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = augmentation_layers(online_ops)(inputs) if online_ops else inputs
     if architecture == "cnn":
-        for i, filters in enumerate((32, 64), start=1):
-            x = layers.Conv2D(max(1, round(filters * width)), 3, padding="same", activation="relu",
-                              kernel_regularizer=reg, name=f"conv{i}")(x)
-            x = layers.MaxPooling2D(name=f"pool{i}")(x)
-        x = layers.Flatten(name="flatten")(x)
+        for i in range(1, depth + 1):
+            filters = max(1, round(32 * 2 ** (i - 1) * width))
+            if batch_norm:  # conv -> BN -> ReLU; the BN shift makes the conv bias redundant
+                x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_regularizer=reg,
+                                  name=f"conv{i}")(x)
+                x = layers.Activation("relu", name=f"relu{i}")(layers.BatchNormalization(name=f"bn{i}")(x))
+            else:
+                x = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=reg,
+                                  name=f"conv{i}")(x)
+            if x.shape[1] > 1:
+                x = layers.MaxPooling2D(name=f"pool{i}")(x)
+        x = (layers.GlobalAveragePooling2D(name="gap") if global_pool else layers.Flatten(name="flatten"))(x)
         x = layers.Dense(max(1, round(64 * width)), activation="relu", kernel_regularizer=reg,
                          name="features")(x)
     else:
@@ -83,19 +98,19 @@ def build_model(
 
 def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: float = 1.0,
           dropout: float = 0.0, l1: float = 0.0, l2: float = 0.0, seed: int = 42,
-          online_ops: dict | None = None) -> dict:
+          online_ops: dict | None = None, depth: int = 2, batch_norm: bool = False,
+          global_pool: bool = False) -> dict:
     """Build the model for a dataset (size and classes from augment's meta) and save it."""
     from kflift.components.data import read_meta, save_model, write_json
 
     meta = read_meta(dataset_dir)
     model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l1, l2, seed,
-                        online_ops)
+                        online_ops, depth, batch_norm, global_pool)
     save_model(model, Path(output_path))
-    params = {"architecture": architecture, "width": width, "dropout": dropout, "l1": l1, "l2": l2,
+    params = {"architecture": architecture, "width": width, "depth": depth, "batch_norm": batch_norm,
+              "global_pool": global_pool, "dropout": dropout, "l1": l1, "l2": l2,
               "online_augmentation": bool(online_ops)}
     write_json(Path(output_path) / "params.json", params)
-    return {"params": {"architecture": architecture, "width": width, "dropout": dropout, "l1": l1, "l2": l2,
-                       "online_augmentation": bool(online_ops),
-                       "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
+    return {"params": {**params, "num_classes": meta["num_classes"], "image_size": meta["image_size"]},
             "metrics": {"parameters": model.count_params()},
             "artifacts": []}

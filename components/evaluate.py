@@ -46,10 +46,16 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
     work = staging_dir(output_dir)
-    scores, matrices = {}, {}
+    scores, matrices, per_class, binary_probs = {}, {}, {}, {}
     for name, model_dir in candidates.items():
         probs, y = predict(model_dir, dataset_dir)
         scores[name] = classification_metrics(probs, y)
+        per_class[name] = {labels[int(k)]: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
+                           for k, v in skm.classification_report(y, probs.argmax(axis=1), labels=range(len(labels)),
+                                                                 target_names=None, output_dict=True,
+                                                                 zero_division=0).items() if k.isdigit()}
+        if len(labels) == 2:
+            binary_probs[name] = (y, probs[:, 1])
         matrices[name] = skm.confusion_matrix(y, probs.argmax(axis=1), labels=range(len(labels)))
         plots.confusion_matrix(matrices[name], labels, work / f"confusion_{name}.png", f"{name}: test split")
     base_score = scores.get(baseline, {}).get(metric)
@@ -68,10 +74,12 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
         if export:  # raw image bytes in, probabilities out: the transform graph travels with the model
             export_serving(str(work / "champion"), str(Path(dataset_dir) / "transform_fn"), str(work / "serving"),
                            labels)
+    if binary_probs:
+        plots.roc_curves(binary_probs, work / "roc.png", positive=labels[1])
     plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
     table = comparison_table(scores, gate, metric, baseline, winner)
     (work / "comparison.md").write_text(table)
-    report = {"candidates": scores, "gate": gate, "winner": winner, "metric": metric, "labels": labels,
+    report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric, "labels": labels,
               "confusion_matrices": {n: m.tolist() for n, m in matrices.items()},
               "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1)))}
     write_json(work / "report.json", report)

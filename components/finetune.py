@@ -52,7 +52,7 @@ def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
 
 
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, weights: str = "pipeline",
-             backbone: str = "cnn", head_units: int = 256, frozen_epochs: int = 5, finetune_epochs: int = 5,
+             backbone: str = "cnn", head_units: int = 512, frozen_epochs: int = 5, finetune_epochs: int = 5,
              unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
              patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True) -> dict:
     start = time.time()

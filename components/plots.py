@@ -40,6 +40,22 @@ def confusion_matrix(matrix, labels: list[str], path: str | Path, title: str) ->
     return _save(fig, path)
 
 
+def roc_curves(curves: dict, path: str | Path, positive: str) -> Path:
+    """ROC curve of each candidate on a binary task: {name: (true labels, P(positive))}."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (y, p) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({positive})")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("ROC, test split")
+    return _save(fig, path)
+
+
 def comparison_bars(scores: dict[str, float], metric: str, path: str | Path, baseline: str) -> Path:
     names = list(scores)
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(names), 3.5))

@@ -103,7 +103,7 @@ def _run(args) -> int:
     if summary["serving"]:
         print(f"serving model: {summary['serving']}  (kflift predict --model {summary['serving']} IMAGE...)")
     if summary["tracking_uri"].startswith("sqlite:"):
-        print(f"MLflow: kflift ui --output {Path(cfg.output)}   (then open http://127.0.0.1:5000)")
+        print(f"MLflow: kflift ui --output {Path(cfg.output)}  (or `make ui`), then open http://127.0.0.1:5000")
     else:
         print(f"MLflow: {summary['tracking_uri']}")
     return 0

@@ -60,6 +60,9 @@ class AugmentConfig(_Section):
 class ModelConfig(_Section):
     architecture: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
     width: float = Field(1.0, gt=0.0, le=8.0, description="filter/unit multiplier of the CNN")
+    depth: int = Field(2, ge=1, le=6, description="conv blocks of the CNN (filters double per block)")
+    batch_norm: bool = False
+    global_pool: bool = Field(False, description="global average pooling instead of Flatten")
 
 
 class TrainConfig(_Section):

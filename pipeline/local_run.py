@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import time
@@ -51,6 +52,7 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
                                        {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
     if runner != "subprocess":
         raise NotImplementedError("--runner docker: see the containers issue")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"))
     start = time.time()
     try:

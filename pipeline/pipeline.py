@@ -26,9 +26,10 @@ def make_pipeline(cfg: Config):
         target = ops.augment(tracking=tracking, stage="augment", data_dir=data_dir, include_classes=[],
                              exclude_classes=tx.source_classes, **augment_args)
 
-        def build_and_train(name, dataset, epochs, augmented=True, dropout=0.0, l1=0.0, l2=0.0, patience=0):
+        def build_and_train(name, dataset, epochs, augmented=True, dropout=0.0, l1=0.0, l2=0.0, patience=0,
+                            variant=cfg.model.model_dump()):
             built = ops.build(tracking=tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
-                              architecture=cfg.model.architecture, width=cfg.model.width,
+                              variant=variant,
                               dropout=dropout, l1=l1, l2=l2, seed=tr.seed,
                               online_ops=aug.ops.model_dump() if aug.online else {})
             return on_gpu(ops.train(tracking=tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
@@ -50,7 +51,7 @@ def make_pipeline(cfg: Config):
             points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, **regularize})
             with dsl.ParallelFor(points) as point:
                 built = ops.build(tracking=tracking, stage="build-sweep", dataset=target.outputs["dataset"],
-                                  architecture=cfg.model.architecture, width=cfg.model.width, sweep_point=point,
+                                  variant=cfg.model.model_dump(), sweep_point=point,
                                   dropout=reg.dropout, l1=reg.l1, l2=reg.l2, seed=tr.seed,
                                   online_ops=aug.ops.model_dump() if aug.online else {})
                 trained = on_gpu(ops.train(
@@ -66,7 +67,8 @@ def make_pipeline(cfg: Config):
             source = ops.augment(tracking=tracking, stage="augment-source", data_dir=source_dir,
                                  include_classes=[] if tx.source_dir else tx.source_classes,
                                  exclude_classes=[], **augment_args).after(target)
-            backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs, l2=reg.l2)
+            backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs, l2=reg.l2,
+                                       variant={**cfg.model.model_dump(), "architecture": tx.backbone})
             pretrained = {"pretrained": backbone.outputs["model"]}
         def finetune(name, augmented):
             return on_gpu(ops.finetune(

@@ -24,8 +24,7 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
                   num_workers=num_workers, max_pixels=max_pixels, seed=seed, beam_options=beam_options)
 
 
-def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture: str, width: float,
-               dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model],
+def build_step(tracking: dict, stage: str, dataset: Input[Dataset], variant: dict, dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model],
                sweep_point: dict = {}):
     """`sweep_point` (a grid point of a ParallelFor) overrides the regularization and stage name."""
     from kflift.components import build, tracking as mlf
@@ -33,8 +32,7 @@ def build_step(tracking: dict, stage: str, dataset: Input[Dataset], architecture
     stage, dropout, l1, l2 = (sweep_point.get(k, v) for k, v in
                               (("build_stage", stage), ("dropout", dropout), ("l1", l1), ("l2", l2)))
     mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
-                  architecture=architecture, width=width, dropout=dropout, l1=l1, l2=l2, seed=seed,
-                  online_ops=online_ops)
+                  dropout=dropout, l1=l1, l2=l2, seed=seed, online_ops=online_ops, **variant)
 
 
 def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,

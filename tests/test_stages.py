@@ -89,6 +89,10 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     best = max(report["candidates"], key=lambda n: report["candidates"][n]["accuracy"])
     assert report["winner"] == best or not report["gate"][best]["passed"]
     assert (tmp_path / "eval" / "confusion_better.png").exists()
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
+    per_class = report["per_class"]["better"]
+    assert set(per_class) == {"automobile", "truck"}
+    assert sum(c["support"] for c in per_class.values()) == report["test_images"]
     assert (tmp_path / "eval" / "champion" / "model.keras").exists()
     assert "| baseline |" in (tmp_path / "eval" / "comparison.md").read_text()
 
@@ -145,3 +149,14 @@ def test_serving_model_on_raw_bytes_equals_evaluate(cifar_dataset, tiny_cifar, t
     path, label, prob = proc.stdout.strip().split("\t")
     assert path == str(sample) and label == labels[int(probs[0].argmax())]
     assert abs(float(prob) - probs[0].max()) < 1e-3
+
+
+def test_build_variants_depth_batchnorm_global_pool_and_multiclass(tmp_path):
+    from kflift.components.build import build_model
+
+    model = build_model(32, 5, width=0.5, depth=3, batch_norm=True, global_pool=True)
+    names = [l.name for l in model.layers]
+    assert [model.get_layer(f"conv{i}").filters for i in (1, 2, 3)] == [16, 32, 64]
+    assert {"bn1", "bn2", "bn3", "gap"} <= set(names) and "flatten" not in names
+    assert model.get_layer("output").units == 5 and model.get_layer("output").activation.__name__ == "softmax"
+    assert model.get_layer("features").units == 32
