@@ -104,6 +104,7 @@ def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: 
     from kflift.components.data import read_meta, save_model, write_json
 
     meta = read_meta(dataset_dir)
+    depth = int(depth)  # through a KFP dict parameter every number arrives as a float
     model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l1, l2, seed,
                         online_ops, depth, batch_norm, global_pool)
     save_model(model, Path(output_path))
