@@ -1,4 +1,4 @@
-"""kflift command line: run | stage | predict | compile | ui."""
+"""kflift command line: run | stage | predict | compile | submit | ui."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
                           description="Compile the pipeline to KFP IR YAML (images and GPU requests from config).")
     comp.add_argument("-o", "--output", default="pipeline.yaml", metavar="FILE", help="YAML path")
     _config_args(comp)
+
+    sm = sub.add_parser("submit", help="compile and submit to a Kubeflow Pipelines backend",
+                        description="Compile with the config and create a run with kfp.Client; prints its URL.")
+    sm.add_argument("--host", required=True, metavar="URL", help="KFP API endpoint, e.g. http://localhost:8080")
+    sm.add_argument("--data-dir", required=True, metavar="PATH",
+                    help="the image folder as the cluster's pods see it (PVC mount or object store path)")
+    sm.add_argument("--source-dir", default="", metavar="PATH", help="transfer source folder (default: --data-dir)")
+    sm.add_argument("--experiment", default="kflift", help="KFP experiment name (default kflift)")
+    sm.add_argument("--namespace", help="Kubernetes namespace (multi-user deployments)")
+    sm.add_argument("--token", help="bearer token for the KFP API")
+    sm.add_argument("--tracking-uri", default="", metavar="URI",
+                    help="MLflow tracking URI reachable from the pods, e.g. http://kflift-mlflow.kflift:5000")
+    _config_args(sm)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the run store (loopback)",
                         description="Serve the MLflow UI for the local store and print its URL.")
@@ -149,6 +162,20 @@ def _predict(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from kflift.pipeline.submit import SubmitError, submit
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        run_id, url = submit(cfg, args.host, args.data_dir, args.source_dir, args.experiment, args.namespace,
+                             args.token, args.tracking_uri)
+    except SubmitError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+    print(f"run id: {run_id}\nrun: {url}")
+    return 0
+
+
 def _compile(args) -> int:
     from kfp import compiler
 
@@ -172,7 +199,8 @@ def _ui(args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "ui": _ui}
+COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "submit": _submit,
+            "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,93 @@
+"""`kflift submit` — a contract test: no KFP backend can run here, so a local HTTP server speaks
+the KFP v2beta1 REST calls that kfp.Client makes (healthz, experiments, runs) and records them."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import kflift
+
+
+class FakeKfp(BaseHTTPRequestHandler):
+    calls: list = []
+    status = 200
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _reply(self, body, status=None):
+        data = json.dumps(body).encode()
+        self.send_response(status or self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.calls.append(("GET", self.path, None, self.headers.get("Authorization")))
+        if self.status != 200:
+            return self._reply({"error": "denied"})
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            return self._reply({"multi_user": False})
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            return self._reply({"experiments": [], "total_size": 0})
+        self._reply({"error": "not found"}, 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.calls.append(("POST", self.path, body, self.headers.get("Authorization")))
+        if self.path == "/apis/v2beta1/experiments":
+            return self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        if self.path == "/apis/v2beta1/runs":
+            return self._reply({"run_id": "run-42", "display_name": body.get("display_name", ""),
+                                "experiment_id": body.get("experiment_id")})
+        self._reply({"error": "not found"}, 404)
+
+
+@pytest.fixture
+def fake_kfp():
+    FakeKfp.calls, FakeKfp.status = [], 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_contract_submit_creates_experiment_and_run(fake_kfp):
+    proc = kflift("submit", "--host", fake_kfp, "--data-dir", "/data/vehicles", "--experiment", "lift",
+                  "--token", "t0k", "--set", "transfer.source_classes=airplane,ship",
+                  "--tracking-uri", "http://kflift-mlflow.kflift:5000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run: {fake_kfp}/#/runs/details/run-42" in proc.stdout
+    posts = {path: body for method, path, body, _ in FakeKfp.calls if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["display_name"] == "lift"
+    run = posts["/apis/v2beta1/runs"]
+    assert run["experiment_id"] == "exp-1"
+    spec = run["pipeline_spec"]  # the compiled IR and its Kubernetes platform spec (GPU node selection)
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "kflift"
+    assert "nodeSelector" in json.dumps(spec["platform_spec"])
+    params = run["runtime_config"]["parameters"]
+    assert params["data_dir"] == "/data/vehicles" and params["source_dir"] == "/data/vehicles"
+    assert params["tracking_uri"] == "http://kflift-mlflow.kflift:5000"
+    assert all(auth == "Bearer t0k" for *_, auth in FakeKfp.calls)
+
+
+def test_contract_unauthorized_host_gives_one_line(fake_kfp):
+    FakeKfp.status = 401
+    proc = kflift("submit", "--host", fake_kfp, "--data-dir", "/d", "--token", "bad")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "refused the request (401" in proc.stderr
+    assert not [c for c in FakeKfp.calls if c[0] == "POST"]
+
+
+def test_unreachable_host_gives_one_line():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the with-block ends: nothing listens there
+    proc = kflift("submit", "--host", f"http://127.0.0.1:{port}", "--data-dir", "/d")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"KFP host http://127.0.0.1:{port} is unreachable" in proc.stderr
