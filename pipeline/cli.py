@@ -188,7 +188,7 @@ def _compile(args) -> int:
 
 
 def _ui(args) -> int:
-    import subprocess
+    import os
 
     from kflift.components.tracking import default_tracking_uri
 
@@ -196,7 +196,8 @@ def _ui(args) -> int:
     print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(cmd)
+    # Become the MLflow server, so Ctrl-C or a stop signal reaches it directly (no orphan left).
+    os.execv(sys.executable, cmd)
 
 
 COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "submit": _submit,

@@ -29,8 +29,7 @@ def make_pipeline(cfg: Config):
         def build_and_train(name, dataset, epochs, augmented=True, dropout=0.0, l1=0.0, l2=0.0, patience=0,
                             variant=cfg.model.model_dump()):
             built = ops.build(tracking=tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
-                              variant=variant,
-                              dropout=dropout, l1=l1, l2=l2, seed=tr.seed,
+                              variant=variant, dropout=dropout, l1=l1, l2=l2, seed=tr.seed,
                               online_ops=aug.ops.model_dump() if aug.online else {})
             return on_gpu(ops.train(tracking=tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
                                     untrained=built.outputs["model"], epochs=epochs, patience=patience,
@@ -48,7 +47,8 @@ def make_pipeline(cfg: Config):
             candidates["regularized"] = build_and_train("regularized", target, epochs=tr.epochs, **regularize)
 
         if tr.sweep:  # a grid of the regularized candidate, in parallel; the best goes on
-            points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, **regularize})
+            points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, "dropout": reg.dropout,
+                                            "l1": reg.l1, "l2": reg.l2})
             with dsl.ParallelFor(points) as point:
                 built = ops.build(tracking=tracking, stage="build-sweep", dataset=target.outputs["dataset"],
                                   variant=cfg.model.model_dump(), sweep_point=point,

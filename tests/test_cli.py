@@ -67,7 +67,7 @@ def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "kflift.pipeline.cli", "ui", "--output", str(tmp_path),
                              "--port", str(port)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         assert proc.stdout.readline().startswith(f"MLflow UI: http://127.0.0.1:{port}")
         deadline, status = time.monotonic() + 90, None
@@ -79,6 +79,20 @@ def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
                 assert proc.poll() is None, "the UI process exited"
                 time.sleep(0.5)  # polling the server's start-up, bounded by the deadline
         assert status == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    finally:  # the server and its workers: the whole process group
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the workers exit after their parent; wait for the port
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"something still listens on port {port} after the UI was stopped")
