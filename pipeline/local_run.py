@@ -41,6 +41,8 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
 
     from kflift.pipeline.pipeline import make_pipeline
 
+    if runner != "subprocess":  # before anything is written or tracked
+        raise NotImplementedError("--runner docker is not available yet (the containers issue)")
     output = Path(cfg.output).resolve()
     data_dir, source_dir = resolve_data(cfg)
     run_id = new_run_id()
@@ -50,8 +52,6 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
     parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
                                        {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
-    if runner != "subprocess":
-        raise NotImplementedError("--runner docker: see the containers issue")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"))
     start = time.time()

@@ -96,3 +96,9 @@ def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
         time.sleep(0.2)
     else:
         raise AssertionError(f"something still listens on port {port} after the UI was stopped")
+
+
+def test_docker_runner_is_refused_before_anything_is_written(tmp_path):
+    proc = kflift("run", "--runner", "docker", "--output", str(tmp_path / "out"))
+    assert_clean_failure(proc, "--runner docker is not available yet")
+    assert not (tmp_path / "out" / "mlflow.db").exists()
