@@ -49,14 +49,14 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     scores, matrices, per_class, binary_probs = {}, {}, {}, {}
     for name, model_dir in candidates.items():
         probs, y = predict(model_dir, dataset_dir)
+        pred = probs.argmax(axis=1)
         scores[name] = classification_metrics(probs, y)
+        by_class = skm.classification_report(y, pred, labels=range(len(labels)), output_dict=True, zero_division=0)
         per_class[name] = {labels[int(k)]: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
-                           for k, v in skm.classification_report(y, probs.argmax(axis=1), labels=range(len(labels)),
-                                                                 target_names=None, output_dict=True,
-                                                                 zero_division=0).items() if k.isdigit()}
+                           for k, v in by_class.items() if k.isdigit()}
         if len(labels) == 2:
             binary_probs[name] = (y, probs[:, 1])
-        matrices[name] = skm.confusion_matrix(y, probs.argmax(axis=1), labels=range(len(labels)))
+        matrices[name] = skm.confusion_matrix(y, pred, labels=range(len(labels)))
         plots.confusion_matrix(matrices[name], labels, work / f"confusion_{name}.png", f"{name}: test split")
     base_score = scores.get(baseline, {}).get(metric)
     gate = {}
@@ -79,7 +79,8 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
     table = comparison_table(scores, gate, metric, baseline, winner)
     (work / "comparison.md").write_text(table)
-    report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric, "labels": labels,
+    report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric,
+              "labels": labels,
               "confusion_matrices": {n: m.tolist() for n, m in matrices.items()},
               "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1)))}
     write_json(work / "report.json", report)

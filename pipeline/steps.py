@@ -13,8 +13,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 
 def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, include_classes: list,
                  exclude_classes: list, val_fraction: float, test_fraction: float, copies: int, ops: dict,
-                 shards: int, num_workers: int,
-                 max_pixels: int, seed: int, beam_options: list,
+                 shards: int, num_workers: int, max_pixels: int, seed: int, beam_options: list,
                  dataset: Output[Dataset], stats: Output[Metrics]):
     from kflift.components import augment, tracking as mlf
 
@@ -24,8 +23,8 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
                   num_workers=num_workers, max_pixels=max_pixels, seed=seed, beam_options=beam_options)
 
 
-def build_step(tracking: dict, stage: str, dataset: Input[Dataset], variant: dict, dropout: float, l1: float, l2: float, seed: int, online_ops: dict, model: Output[Model],
-               sweep_point: dict = {}):
+def build_step(tracking: dict, stage: str, dataset: Input[Dataset], variant: dict, dropout: float, l1: float,
+               l2: float, seed: int, online_ops: dict, model: Output[Model], sweep_point: dict = {}):
     """`sweep_point` (a grid point of a ParallelFor) overrides the regularization and stage name."""
     from kflift.components import build, tracking as mlf
 
