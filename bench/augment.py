@@ -50,7 +50,7 @@ STAGE = r'''
 import sys
 from kflift.components.augment import augment
 if __name__ == "__main__":
-    augment(sys.argv[1], sys.argv[2], copies=int(sys.argv[3]), num_workers=int(sys.argv[4]), shards=4)
+    augment(sys.argv[1], sys.argv[2], copies=int(sys.argv[3]), num_workers=int(sys.argv[4]))
 '''
 
 

@@ -174,7 +174,7 @@ def augment(
     test_fraction: float = 0.2,
     copies: int = 2,
     ops: dict | None = None,
-    shards: int = 2,
+    shards: int = 0,
     num_workers: int = 1,
     max_pixels: int = 50_000_000,
     seed: int = 42,
@@ -224,7 +224,12 @@ def augment(
 
 def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies, seed, ops,
               shards, num_workers, max_pixels, beam_options) -> dict[str, int]:
-    """Build and run the Beam pipeline; returns its counters."""
+    """Build and run the Beam pipeline; returns its counters and the label vocabulary.
+
+    Memory stays flat as the input grows: only small per-file records (path, label, hash) are
+    grouped (for the dedupe); image bytes are read again where they are used, and everything
+    from there to the TFRecord files streams through tf.Transform's RecordBatch (TFXIO) path.
+    """
     import apache_beam as beam
     import tensorflow as tf
     import tensorflow_transform as tft
@@ -232,23 +237,17 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
-    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.public import tfxio
 
     # The local runner is named: Beam's default would first try to download Prism.
     args = ["--runner=DirectRunner", f"--direct_num_workers={num_workers}",
             "--direct_running_mode=" + ("multi_processing" if num_workers > 1 else "in_memory")]
     options = PipelineOptions(args + list(beam_options))
-    raw_meta = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec({
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.string),
-        "key": tf.io.FixedLenFeature([], tf.string),
-    }))
-    coder = tft.coders.ExampleProtoCoder(schema_utils.schema_from_feature_spec({
-        "image": tf.io.FixedLenFeature([image_size, image_size, 3], tf.float32),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-        "key": tf.io.FixedLenFeature([], tf.string),
-    }))
-
+    raw_schema = schema_utils.schema_from_feature_spec(
+        {name: tf.io.FixedLenFeature([], tf.string) for name in ("image", "label", "key")})
+    raw_format = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["kflift"],
+                                           schema=raw_schema)
     progress = {"n": 0, "every": max(500, len(items) // 20), "start": time.time()}
 
     def checked(item):
@@ -256,13 +255,15 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
         progress["n"] += 1
         if progress["n"] % progress["every"] == 0:  # per worker: a sign of life on long inputs
             rate = progress["n"] / (time.time() - progress["start"])
-            print(f"augment: decoded {progress['n']} of ~{len(items)} images ({rate:.0f}/s)", flush=True)
+            print(f"augment: checked {progress['n']} of ~{len(items)} images ({rate:.0f}/s)", flush=True)
         if "reason" in rec:
             Metrics.counter("kflift", "quarantined:" + rec["reason"].split(":")[0]).inc()
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
         if rec["converted"]:
             Metrics.counter("kflift", "converted").inc()
-        return rec
+        # Only this small record travels on (the dedupe groups it); the bytes are read again later.
+        return rec["sha256"], {"path": rec["path"], "label": rec["label"], "sha256": rec["sha256"],
+                               "as_is": rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES}
 
     def keep_first(kv):
         records = sorted(kv[1], key=lambda r: r["path"])
@@ -272,35 +273,42 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
         Metrics.counter("kflift", f"originals:{split}:{rec['label']}").inc()
         return beam.pvalue.TaggedOutput(split, rec)
 
-    def raw_examples(rec, split):
-        examples = expand_training_record(rec, copies, seed, ops) if split == "train" else [rec]
-        Metrics.counter("kflift", f"written:{split}:{rec['label']}").inc(len(examples))
-        return [{"image": e["image"], "label": e["label"], "key": e.get("key", rec["sha256"])} for e in examples]
+    def raw_examples(rec, split, expand=True, count=True):
+        record = {**rec, "image": _reread(rec, max_pixels)}
+        examples = expand_training_record(record, copies, seed, ops) if expand else [
+            {"image": record["image"], "label": rec["label"], "key": rec["sha256"]}]
+        if count:
+            Metrics.counter("kflift", f"written:{split}:{rec['label']}").inc(len(examples))
+        return [_raw_example(e) for e in examples]
 
     tmp = work / ".tft-tmp"
     p = beam.Pipeline(options=options)
     with tft_beam.Context(temp_dir=str(tmp)):
-        decoded = (p | "List" >> beam.Create(items, reshuffle=False)
-                   | "Decode" >> beam.Map(checked).with_outputs("bad", main="good"))
+        # reshuffle: the file list is spread over the workers instead of one bundle.
+        decoded = (p | "List" >> beam.Create(items)
+                   | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         _ = (decoded.bad | "QuarantineJson" >> beam.Map(json.dumps, sort_keys=True)
              | "WriteQuarantine" >> beam.io.WriteToText(
                  str(work / "quarantine"), file_name_suffix=".jsonl", shard_name_template=""))
-        splits = (decoded.good | "ByHash" >> beam.Map(lambda r: (r["sha256"], r))
-                  | "Dedupe" >> beam.GroupByKey()
+        splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
                   | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
-        raw = {s: getattr(splits, s) | f"Raw-{s}" >> beam.FlatMap(raw_examples, s) for s in SPLITS}
-        (train, _), transform_fn = (
-            (raw["train"], raw_meta)
-            | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-                lambda inputs: preprocessing_fn(inputs, image_size)))
+        # Statistics (mean/std, vocabulary) come from the training originals: the augmented
+        # copies are perturbations of them, and serving sees originals.
+        originals = (splits.train | "Originals" >> beam.FlatMap(raw_examples, "train", expand=False, count=False)
+                     | "OriginalsBatches" >> raw_format.BeamSource())
+        adapter = raw_format.TensorAdapterConfig()
+        transform_fn = ((originals, adapter) | "Analyze" >> tft_beam.AnalyzeDataset(
+            lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(work / "transform_fn"))
-        transformed = {"train": train}
-        for s in ("val", "test"):
-            transformed[s], _ = (((raw[s], raw_meta), transform_fn)
-                                 | f"Transform-{s}" >> tft_beam.TransformDataset())
-        for s, data in transformed.items():
+        for s in SPLITS:
+            batches = (getattr(splits, s) | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train")
+                       | f"Batches-{s}" >> raw_format.BeamSource())
+            transformed, _ = (((batches, adapter), transform_fn)
+                              | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
             (work / s).mkdir()
-            _ = (data | f"Encode-{s}" >> beam.Map(coder.encode)
+            # shards=0: a file per worker bundle, streamed; N: exactly N files (Beam groups the
+            # split's records to deal them out, which holds them in memory on the local runner).
+            _ = (transformed | f"Encode-{s}" >> beam.FlatMapTuple(lambda batch, _: _encoder().encode(batch))
                  | f"Write-{s}" >> beam.io.WriteToTFRecord(
                      str(work / s / "part"), file_name_suffix=".tfrecord.gz", num_shards=shards))
         result = p.run()
@@ -313,6 +321,40 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     for c in counters:
         totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
     return totals, labels
+
+
+def _reread(rec: dict, max_pixels: int) -> bytes:
+    """A checked file's encoded bytes, read again: as they are when TF decodes them directly,
+    converted to PNG otherwise. A file changed since it was checked stops the stage."""
+    path = rec["path"]
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise DataError(f"{path}: the file changed while the augment stage ran; rerun the stage")
+    return data if rec["as_is"] else decode_image(path, rec["label"], max_pixels)["image"]
+
+
+def _raw_example(example: dict) -> bytes:
+    """A raw record (encoded image, label, key) as a serialized tf.Example for TFXIO."""
+    import tensorflow as tf
+
+    def feature(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode() if isinstance(value, str)
+                                                                     else value]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        k: feature(example[k]) for k in ("image", "label", "key")})).SerializeToString()
+
+
+_ENCODER = []
+
+
+def _encoder():
+    """tfx_bsl's C++ RecordBatch -> tf.Example encoder, made once per worker process."""
+    if not _ENCODER:
+        from tfx_bsl.public.tfxio import RecordBatchToExamplesEncoder
+
+        _ENCODER.append(RecordBatchToExamplesEncoder())
+    return _ENCODER[0]
 
 
 def preview(items, path: Path, copies: int, seed: int, ops: dict, max_pixels: int,

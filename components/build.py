@@ -25,10 +25,12 @@ def classifier_head(x, num_classes: int, name: str = "output"):
     return layers.Dense(num_classes, activation="softmax", name=name)(x)
 
 
-def application_backbone(architecture: str, image_size: int, weights: str | None) -> keras.Model:
-    """A Keras Applications backbone without its top, pooled to a feature vector."""
+def application_backbone(architecture: str, image_size: int, weights: str | None,
+                         pooling: str | None = "avg") -> keras.Model:
+    """A Keras Applications backbone without its top: pooled to a feature vector, or (pooling
+    None) its last feature map, for a transfer head to flatten or pool."""
     cls = getattr(keras.applications, APPLICATIONS[architecture])
-    return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg")
+    return cls(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling=pooling)
 
 
 def augmentation_layers(ops: dict) -> keras.Sequential:

@@ -21,17 +21,21 @@ from kflift.components.train import fit
 
 
 def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: str | None) -> keras.Model:
-    """The feature extractor: everything up to the `features` layer of a model."""
+    """The convolutional base (as the seed's VGG16 without its top): a CNN this run pretrained up
+    to its last feature map (its dense layers learned the source task's classes, so they stay
+    behind), or a Keras Applications model without its top."""
     if weights == "pipeline":
         if not pretrained_dir:
             raise DataError("finetune: weights=pipeline needs the pretrained model of this run")
         model = load_model(pretrained_dir)
-        return keras.Model(model.inputs, model.get_layer("features").output, name="backbone")
+        top = next((layer for layer in model.layers if layer.name in ("flatten", "gap")), None)
+        cut = top.input if top is not None else model.get_layer("features").output  # Applications: pooled
+        return keras.Model(model.inputs, cut, name="backbone")
     if backbone == "cnn":
         raise DataError("finetune: the 'cnn' backbone has no ImageNet weights; "
                         "use transfer.weights=pipeline or a Keras Applications backbone")
     try:
-        return application_backbone(backbone, image_size, weights=weights)
+        return application_backbone(backbone, image_size, weights=weights, pooling=None)
     except Exception as exc:  # noqa: BLE001 - download errors come in many types
         if weights == "imagenet":
             raise DataError(
@@ -54,7 +58,13 @@ def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, weights: str = "pipeline",
              backbone: str = "cnn", head_units: int = 512, frozen_epochs: int = 5, finetune_epochs: int = 5,
              unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
-             patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True) -> dict:
+             patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True,
+             head: str = "flatten", monitor: str = "val_loss", mixed_precision: str = "auto",
+             distribute: str = "auto") -> dict:
+    """`head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
+    far fewer weights on a large feature map)."""
+    if head not in ("flatten", "pool"):
+        raise ValueError(f"finetune: head must be 'flatten' or 'pool', not {head!r}")
     start = time.time()
     meta = read_meta(dataset_dir)
     keras.utils.set_random_seed(seed)
@@ -63,22 +73,23 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     inputs = keras.Input(base.input_shape[1:], name="image")
     x = base(inputs, training=False)  # BatchNorm in inference mode in both phases
     if len(x.shape) > 2:
-        x = layers.Flatten(name="flatten_head")(x)
+        x = (layers.GlobalAveragePooling2D(name="pool_head") if head == "pool" else layers.Flatten(name="flatten_head"))(x)
     x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
     x = layers.Dropout(0.5, name="head_dropout")(x)
     model = keras.Model(inputs, classifier_head(x, meta["num_classes"]), name=f"transfer_{backbone}")
 
     ckpt = Path(f"{output_dir}.checkpoints")
     frozen_before = [w.numpy().copy() for w in base.weights]
-    model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, optimizer=optimizer, patience=patience, seed=seed,
-                         phase="frozen", augmented=augmented)
+    fit_args = dict(batch_size=batch_size, optimizer=optimizer, patience=patience, seed=seed, augmented=augmented,
+                    monitor=monitor, mixed_precision=mixed_precision, distribute=distribute)
+    model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, learning_rate=learning_rate,
+                         phase="frozen", **fit_args)
+    base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
     unfrozen = unfreeze_top(base, unfreeze)
     if finetune_epochs > 0 and unfrozen:
-        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, batch_size=batch_size,
-                          learning_rate=learning_rate * lr_factor, optimizer=optimizer, patience=patience,
-                          seed=seed, phase="finetune", augmented=augmented)
+        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, learning_rate=learning_rate * lr_factor,
+                          phase="finetune", **fit_args)
         history += more
     seconds = time.time() - start
     work = staging_dir(output_dir)
@@ -89,7 +100,8 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
     return {
-        "params": {"weights": weights, "backbone": backbone, "head_units": head_units,
+        "params": {"weights": weights, "backbone": backbone, "head": head, "head_units": head_units,
+                   "early_stopping_monitor": monitor, "mixed_precision": mixed_precision, "distribute": distribute,
                    "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
                    "unfrozen_layers": unfrozen, "learning_rate": learning_rate,
                    "finetune_learning_rate": learning_rate * lr_factor, "augmented_data": augmented},
@@ -99,6 +111,11 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
         "history": history,
         "artifacts": [("plots", out / curve.name), ("model", out / "model.keras"), (None, out / "history.json")],
     }
+
+
+def _backbone(model: keras.Model) -> keras.Model:
+    """The transfer model's backbone: its one nested model."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
 def _merged_phases(history: list[dict]) -> list[dict]:

@@ -5,6 +5,7 @@ stopping and checkpoints are set here. `fit` is shared with finetune, which trai
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from kflift.components import plots
 from kflift.components.data import (load_model, load_split, publish_dir, read_meta, save_model,
@@ -41,6 +43,52 @@ def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor:
     if schedule != "constant":
         raise ValueError(f"unknown learning-rate schedule '{schedule}' (choose from {SCHEDULES})")
     return None
+
+
+def accelerators(mixed_precision: str = "auto", distribute: str = "auto"):
+    """The tf.distribute strategy and Keras dtype policy for this machine.
+
+    `auto`: mixed float16 when a GPU is present, MirroredStrategy when several are; on a CPU
+    the default strategy and float32. `on`/`mirrored` force them (they work on a CPU too).
+    """
+    import tensorflow as tf
+
+    if mixed_precision not in ("auto", "on", "off") or distribute not in ("auto", "none", "mirrored"):
+        raise ValueError(f"mixed_precision must be auto|on|off, distribute auto|none|mirrored "
+                         f"(got {mixed_precision!r}, {distribute!r})")
+    gpus = tf.config.list_physical_devices("GPU")
+    mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
+    if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()  # the default: this one device
+    return strategy, "mixed_float16" if mixed else "float32"
+
+
+def with_policy(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` (weights too) computing in `policy`; the output layer stays float32,
+    so the probabilities and the loss keep full precision. Built in the caller's strategy scope."""
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name == "output" else policy
+        return layer.__class__.from_config(config)
+
+    with global_policy(policy):
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@contextlib.contextmanager
+def global_policy(policy: str):
+    """Keras' global dtype policy for the models made (or loaded) inside: a model's own policy is
+    not saved, and under mixed_float16 compile wraps the optimizer in loss scaling."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def last_checkpoint(checkpoint_dir: Path, phase: str = "epoch") -> tuple[Path | None, int]:
@@ -76,12 +124,14 @@ def _truncate_log(log_path: Path, epochs: int) -> None:
 
 def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: int, batch_size: int,
         learning_rate: float, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
-        seed: int = 42, phase: str = "", resume: bool = False, augmented: bool = True
+        seed: int = 42, phase: str = "", resume: bool = False, augmented: bool = True,
+        monitor: str = "val_loss", mixed_precision: str = "auto", distribute: str = "auto"
         ) -> tuple[keras.Model, list[dict]]:
-    """Compile and fit with a checkpoint each epoch; early stopping when `patience` > 0.
+    """Compile and fit with a checkpoint each epoch; early stopping on `monitor` when `patience` > 0.
 
-    With `resume`, continue from the newest checkpoint of this phase. Returns the trained model
-    and the per-epoch history (keys prefixed by `phase` when given).
+    With `resume`, continue from the newest checkpoint of this phase. Mixed precision and the
+    distribution strategy follow `accelerators`. Returns the trained model (float32) and the
+    per-epoch history (keys prefixed by `phase` when given).
     """
     meta = read_meta(dataset_dir)
     tag = phase or "epoch"
@@ -89,19 +139,27 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     log_path = checkpoint_dir / f"{tag}-history.csv"
     checkpoint, done = last_checkpoint(checkpoint_dir, tag) if resume else (None, 0)
     keras.utils.set_random_seed(seed + done)
-    if checkpoint is not None:
-        print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
-        model = keras.models.load_model(checkpoint)  # weights and optimizer state
-        _truncate_log(log_path, done)
-    else:
-        log_path.unlink(missing_ok=True)
-        compile_model(model, meta["num_classes"], learning_rate, optimizer)
+    strategy, policy = accelerators(mixed_precision, distribute)
+    with strategy.scope():  # variables made here are mirrored over the strategy's devices
+        if checkpoint is not None:
+            print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
+            with global_policy(policy):  # the loss-scaling optimizer's state loads back too
+                model = keras.models.load_model(checkpoint)  # weights and optimizer state
+            _truncate_log(log_path, done)
+        else:
+            log_path.unlink(missing_ok=True)
+            if policy != "float32" or strategy is not tf.distribute.get_strategy():
+                model = with_policy(model, policy)
+            compile_model(model, meta["num_classes"], learning_rate, optimizer)  # loss scaling under float16
+    if policy != "float32" or strategy.num_replicas_in_sync > 1:
+        print(f"{tag}: {policy} on {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})",
+              flush=True)
     train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented)
     has_val = split_size(dataset_dir, "val") > 0
     val_ds = load_split(dataset_dir, "val", batch_size) if has_val else None
-    monitor = "val_loss" if has_val else "loss"
+    monitor = monitor if has_val else monitor.removeprefix("val_")
     callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
-    if patience > 0:
+    if patience > 0:  # mode (min for a loss, max for an accuracy) follows the monitor's name
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                                        restore_best_weights=True))
     # Last, so they see every metric the others added (the learning rate among them).
@@ -113,13 +171,16 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     with log_path.open() as f:
         rows = list(csv.DictReader(f))
     prefix = f"{phase}_" if phase else ""
+    if model.dtype_policy.name != "float32":  # later stages (evaluate, serving) run on CPUs
+        model = with_policy(model, "float32")
     return model, [{prefix + k: float(v) for k, v in row.items() if k != "epoch"} for row in rows]
 
 
 def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, batch_size: int = 64,
           learning_rate: float = 1e-3, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
           seed: int = 42, name: str = "model", checkpoint_dir: str | None = None, resume: bool = False,
-          augmented: bool = True) -> dict:
+          augmented: bool = True, monitor: str = "val_loss", mixed_precision: str = "auto",
+          distribute: str = "auto") -> dict:
     """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`.
 
     Checkpoints go to `checkpoint_dir` (default: beside the output), which outlives a crash:
@@ -129,20 +190,22 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, b
     ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     model, history = fit(load_model(model_dir), dataset_dir, ckpt, epochs=epochs, batch_size=batch_size,
                          learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, patience=patience,
-                         seed=seed, resume=resume, augmented=augmented)
+                         seed=seed, resume=resume, augmented=augmented, monitor=monitor,
+                         mixed_precision=mixed_precision, distribute=distribute)
     seconds = time.time() - start
     work = staging_dir(output_dir)
     save_model(model, work)
     curve = plots.learning_curve(history, work / "learning_curve.png", f"{name}: learning curve")
     write_json(work / "history.json", history)
     params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-              "schedule": schedule, "early_stopping_patience": patience, "seed": seed, "resumed": resume,
+              "schedule": schedule, "early_stopping_patience": patience, "early_stopping_monitor": monitor,
+              "mixed_precision": mixed_precision, "distribute": distribute, "seed": seed, "resumed": resume,
               "augmented_data": augmented, **load_model_params(model_dir)}
     write_json(work / "params.json", params)
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
     n_train = split_size(dataset_dir, "train", augmented)
-    best = _best(history)
+    best = _best(history, monitor)
     return {
         "params": params,
         "metrics": {"epochs_run": len(history), "train_images_per_second": n_train * len(history) / seconds,
@@ -158,10 +221,12 @@ def load_model_params(model_dir: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _best(history: list[dict]) -> dict:
-    """The epoch the restored weights come from: lowest validation loss (or training loss)."""
-    key = next((k for k in ("val_loss", "loss") if history and k in history[0]), None)
+def _best(history: list[dict], monitor: str = "val_loss") -> dict:
+    """The epoch early stopping restores: best `monitor` (lowest loss, highest accuracy), or its
+    training-set counterpart without a validation split."""
+    key = next((k for k in (monitor, monitor.removeprefix("val_")) if history and k in history[0]), None)
     if key is None:
         return {}
-    best = min(history, key=lambda e: e[key])
+    pick = max if "acc" in key else min
+    best = pick(history, key=lambda e: e[key])
     return {f"best_{k}": v for k, v in best.items()}

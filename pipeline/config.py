@@ -43,7 +43,9 @@ class AugmentConfig(_Section):
     copies: int = Field(2, ge=0, le=50, description="offline: augmented copies of each training image")
     online: bool = Field(False, description="also augment inside the model (Keras preprocessing layers)")
     ops: AugmentOps = Field(default_factory=AugmentOps)
-    shards: int = Field(2, ge=1, le=1024)
+    shards: int = Field(0, ge=0, le=1024, description=(
+        "TFRecord files per split: 0 = one per worker bundle (streams; memory stays flat), "
+        "N = exactly N (the local runner then holds each split in memory to deal it out)"))
     num_workers: int = Field(1, ge=1, le=64, description="local Beam workers")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are quarantined")
     seed: int = 42
@@ -71,6 +73,10 @@ class TrainConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="float16 compute with float32 weights: auto = when a GPU is present")
+    distribute: Literal["auto", "none", "mirrored"] = Field(
+        "auto", description="tf.distribute strategy: auto = MirroredStrategy when several GPUs are present")
     sweep: dict[Literal["learning_rate", "l1", "l2", "dropout"], list[float]] = Field(
         default_factory=dict, description="grid, e.g. {learning_rate: [1e-3, 3e-3], l2: [0, 1e-4]}; "
         "each point trains in parallel (augmented data + regularization) and the best goes on")
@@ -82,6 +88,8 @@ class RegularizationConfig(_Section):
     l2: float = Field(1e-4, ge=0.0, le=1.0)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     patience: int = Field(3, ge=1, description="early-stopping patience in epochs")
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        "val_loss", description="what early stopping (and the plateau schedule) watches; best weights restored")
 
 
 class TransferConfig(_Section):
@@ -99,6 +107,9 @@ class TransferConfig(_Section):
     finetune_epochs: int = Field(4, ge=0)
     unfreeze_top: int = Field(2, ge=0, description="layers of the backbone unfrozen in phase 2")
     finetune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    head: Literal["flatten", "pool"] = Field(
+        "flatten", description="new head on the backbone: the seed's Flatten-Dense-Dropout, or global pooling")
+    head_units: int = Field(512, ge=1, le=8192, description="units of the head's Dense layer")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -14,7 +14,8 @@ def make_pipeline(cfg: Config):
     ops = make_components(cfg.images.cpu, cfg.images.gpu)
     aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
     augment_args = aug.stage_kwargs()
-    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, optimizer=tr.optimizer, seed=tr.seed)
+    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, optimizer=tr.optimizer, seed=tr.seed,
+                    monitor=reg.monitor, mixed_precision=tr.mixed_precision, distribute=tr.distribute)
     has_source = tx.weights == "pipeline"
 
     @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
@@ -75,7 +76,7 @@ def make_pipeline(cfg: Config):
                 tracking=tracking, stage=f"finetune-{name}" if cfg.evaluate.ablation else "finetune",
                 dataset=target.outputs["dataset"], weights=tx.weights, backbone=tx.backbone,
                 frozen_epochs=tx.frozen_epochs, finetune_epochs=tx.finetune_epochs, unfreeze=tx.unfreeze_top,
-                lr_factor=tx.finetune_lr_factor, patience=reg.patience, augmented=augmented, **fit_args,
+                lr_factor=tx.finetune_lr_factor, head=tx.head, head_units=tx.head_units, patience=reg.patience, augmented=augmented, **fit_args,
                 **pretrained), cfg)
 
         if cfg.evaluate.ablation:

@@ -35,8 +35,9 @@ def build_step(tracking: dict, stage: str, dataset: Input[Dataset], variant: dic
 
 
 def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: Input[Model], epochs: int,
-               batch_size: int, learning_rate: float, optimizer: str, schedule: str, patience: int, seed: int,
-               augmented: bool, model: Output[Model], metrics: Output[Metrics], sweep_point: dict = {}):
+               batch_size: int, learning_rate: float, optimizer: str, schedule: str, patience: int, monitor: str,
+               mixed_precision: str, distribute: str, seed: int, augmented: bool, model: Output[Model],
+               metrics: Output[Metrics], sweep_point: dict = {}):
     """`sweep_point` (a grid point of a ParallelFor) overrides the learning rate and stage name."""
     from kflift.components import tracking as mlf, train
 
@@ -45,21 +46,23 @@ def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: I
 
     mlf.run_stage(stage, train.train, tracking, metrics, dataset_dir=dataset.path, model_dir=untrained.path,
                   output_dir=model.path, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                  optimizer=optimizer, schedule=schedule, patience=patience, seed=seed, name=stage,
-                  augmented=augmented)
+                  optimizer=optimizer, schedule=schedule, patience=patience, monitor=monitor,
+                  mixed_precision=mixed_precision, distribute=distribute, seed=seed, name=stage, augmented=augmented)
 
 
 def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: str, backbone: str,
                   frozen_epochs: int, finetune_epochs: int, unfreeze: int, learning_rate: float, optimizer: str,
-                  lr_factor: float, batch_size: int, patience: int, seed: int, augmented: bool,
-                  model: Output[Model], metrics: Output[Metrics], pretrained: Input[Model] = None):
+                  lr_factor: float, head: str, head_units: int, batch_size: int, patience: int, monitor: str,
+                  mixed_precision: str, distribute: str, seed: int, augmented: bool, model: Output[Model],
+                  metrics: Output[Metrics], pretrained: Input[Model] = None):
     from kflift.components import finetune, tracking as mlf
 
     mlf.run_stage(stage, finetune.finetune, tracking, metrics, dataset_dir=dataset.path, output_dir=model.path,
                   pretrained_dir=pretrained.path if pretrained else None, weights=weights, backbone=backbone,
                   frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,
-                  learning_rate=learning_rate, optimizer=optimizer, lr_factor=lr_factor, batch_size=batch_size,
-                  patience=patience, seed=seed, augmented=augmented)
+                  learning_rate=learning_rate, optimizer=optimizer, lr_factor=lr_factor, head=head,
+                  head_units=head_units, batch_size=batch_size, patience=patience, monitor=monitor,
+                  mixed_precision=mixed_precision, distribute=distribute, seed=seed, augmented=augmented)
 
 
 def select_best_step(tracking: dict, models: Input[List[Model]], metric: str, best: Output[Model]):

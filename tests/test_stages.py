@@ -63,15 +63,26 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
     result = finetune.finetune(str(cifar_dataset), str(tmp_path / "transfer"), str(tmp_path / "pretrained"),
                                frozen_epochs=2, finetune_epochs=2, unfreeze=1, patience=0)
     assert result["metrics"]["frozen_weights_changed_in_phase1"] == 0
-    assert result["params"]["unfrozen_layers"] == ["features"]
+    assert result["params"]["unfrozen_layers"] == ["conv2"]  # the conv base's top layer
     assert [k for k in result["history"][0]][0].startswith("frozen_")
     assert any(k.startswith("finetune_") for k in result["history"][-1])
     pretrained = load_model(tmp_path / "pretrained")
-    tuned = load_model(tmp_path / "transfer").get_layer("backbone")
-    # conv layers stayed frozen in both phases; the unfrozen top layer moved in phase 2
-    assert np.allclose(pretrained.get_layer("conv1").get_weights()[0], tuned.get_layer("conv1").get_weights()[0])
-    assert not np.allclose(pretrained.get_layer("features").get_weights()[0],
-                           tuned.get_layer("features").get_weights()[0])
+    tuned = load_model(tmp_path / "transfer")
+    backbone = tuned.get_layer("backbone")
+    # the source task's dense layers stay behind: the seed's head sits on the last feature map
+    assert "features" not in [layer.name for layer in backbone.layers]
+    assert tuned.get_layer("flatten_head").input.shape[1:] == pretrained.get_layer("flatten").input.shape[1:]
+    # conv1 stayed frozen in both phases; the unfrozen top layer moved in phase 2
+    assert np.allclose(pretrained.get_layer("conv1").get_weights()[0], backbone.get_layer("conv1").get_weights()[0])
+    assert not np.allclose(pretrained.get_layer("conv2").get_weights()[0],
+                           backbone.get_layer("conv2").get_weights()[0])
+
+    pooled = finetune.finetune(str(cifar_dataset), str(tmp_path / "pooled"), str(tmp_path / "pretrained"),
+                               frozen_epochs=1, finetune_epochs=0, patience=0, head="pool", head_units=32)
+    pooled_model = load_model(tmp_path / "pooled")
+    assert pooled["params"]["head"] == "pool"
+    assert pooled_model.get_layer("pool_head").output.shape[1:] == (64,)  # conv2's 64 channels, averaged
+    assert pooled_model.count_params() < tuned.count_params()
 
 
 def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):

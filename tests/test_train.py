@@ -20,6 +20,41 @@ def test_early_stopping_stops_before_the_epoch_budget(cifar_dataset, tmp_path):
     assert result["metrics"]["epochs_run"] >= 3
 
 
+def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_dataset, tmp_path):
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=30,
+                         learning_rate=0.5, patience=2, monitor="val_accuracy")
+    history = result["history"]
+    assert 3 <= len(history) < 30
+    assert result["params"]["early_stopping_monitor"] == "val_accuracy"
+    assert result["metrics"]["best_val_accuracy"] == max(e["val_accuracy"] for e in history)
+
+
+def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(cifar_dataset, tmp_path):
+    """The GPU levers' code path, forced on the CPU: float16 compute with loss scaling, the output
+    layer in float32, a MirroredStrategy (one replica here); the saved model is float32 again."""
+    import keras
+
+    build.build(str(cifar_dataset), str(tmp_path / "u"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=2,
+                         mixed_precision="on", distribute="mirrored")
+    assert np.isfinite(result["metrics"]["final_loss"])
+    with train.global_policy("mixed_float16"):  # as a resumed run loads it
+        checkpoint = keras.models.load_model(train.last_checkpoint(tmp_path / "m.checkpoints")[0])
+    assert checkpoint.get_layer("conv1").compute_dtype == "float16"
+    assert checkpoint.get_layer("conv1").variable_dtype == "float32"
+    assert checkpoint.get_layer("output").compute_dtype == "float32"
+    assert isinstance(checkpoint.optimizer, keras.optimizers.LossScaleOptimizer)
+    trained = load_model(tmp_path / "m")
+    assert {layer.compute_dtype for layer in trained.layers if layer.weights} == {"float32"}
+    untrained = load_model(tmp_path / "u")
+    assert not np.allclose(trained.get_layer("conv1").get_weights()[0], untrained.get_layer("conv1").get_weights()[0])
+    strategy, policy = train.accelerators()  # auto, on this machine
+    import tensorflow as tf
+    if not tf.config.list_physical_devices("GPU"):
+        assert policy == "float32" and strategy.num_replicas_in_sync == 1
+
+
 def test_cosine_schedule_lowers_the_learning_rate(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "u"))
     result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=4,
