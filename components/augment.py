@@ -6,6 +6,7 @@ graph that serving reuses, so training and serving see the same tensors.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -345,16 +346,12 @@ def _raw_example(example: dict) -> bytes:
         k: feature(example[k]) for k in ("image", "label", "key")})).SerializeToString()
 
 
-_ENCODER = []
-
-
+@functools.cache
 def _encoder():
     """tfx_bsl's C++ RecordBatch -> tf.Example encoder, made once per worker process."""
-    if not _ENCODER:
-        from tfx_bsl.public.tfxio import RecordBatchToExamplesEncoder
+    from tfx_bsl.public.tfxio import RecordBatchToExamplesEncoder
 
-        _ENCODER.append(RecordBatchToExamplesEncoder())
-    return _ENCODER[0]
+    return RecordBatchToExamplesEncoder()
 
 
 def preview(items, path: Path, copies: int, seed: int, ops: dict, max_pixels: int,
