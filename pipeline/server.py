@@ -141,6 +141,8 @@ class Cluster:
             raise ServerError(f"PostgreSQL did not start on port {port}: {_last_line(proc)} (log: {self.log})")
 
     def stop(self) -> None:
+        if self.running_port() is None:  # it never started
+            return
         proc = self._run(str(pg_bin_dir() / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data))
         if proc.returncode != 0:
             print(f"kflift: PostgreSQL in {self.data} did not stop: {_last_line(proc)}", file=sys.stderr)
@@ -153,11 +155,14 @@ def create_database(port: int, name: str = DB_NAME) -> str:
     """The database MLflow uses (created when missing); returns its URI."""
     import psycopg
 
-    # autocommit: CREATE DATABASE cannot run in a transaction
-    with psycopg.connect(host="127.0.0.1", port=port, user=DB_USER, dbname="postgres", connect_timeout=10,
-                         autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{name}"')
+    try:  # autocommit: CREATE DATABASE cannot run in a transaction
+        with psycopg.connect(host="127.0.0.1", port=port, user=DB_USER, dbname="postgres", connect_timeout=10,
+                             autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        raise ServerError(f"cannot create database {name} on the local PostgreSQL (port {port}): "
+                          f"{str(exc).strip().splitlines()[0]}") from None
     return f"postgresql://{DB_USER}@127.0.0.1:{port}/{name}"
 
 
@@ -185,10 +190,10 @@ def serve(output: str | Path, host: str = "127.0.0.1", port: int = 5000, backend
         if cluster.running_port() is not None:
             raise ServerError(f"PostgreSQL in {cluster.data} is already running (another kflift server?); "
                               f"stop that server, or stop it with: {cluster.stop_command()}")
-        pg_port = free_port()
-        cluster.start(pg_port)
     try:
         if cluster:
+            pg_port = free_port()
+            cluster.start(pg_port)
             backend_uri = create_database(pg_port)
             print(f"PostgreSQL: {backend_uri} (stops with this server)", flush=True)
         artifacts.mkdir(parents=True, exist_ok=True)
