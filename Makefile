@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test compile ui bench clean
+.PHONY: run test compile ui server bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ compile: $(BIN)/.installed
 
 ui: $(BIN)/.installed
 	$(BIN)/kflift ui
+
+# MLflow server on PostgreSQL (a local cluster under kflift-output/postgres); ARGS="--port 5001" etc.
+server: $(BIN)/.installed
+	$(BIN)/kflift server $(ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/e2e.py

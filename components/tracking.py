@@ -24,6 +24,25 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer GET /health, checked before a run writes or tracks anything."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable: /health answered "
+                            f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable: {exc.reason}") from None
+    except (OSError, ValueError) as exc:  # a timeout while reading, or a malformed URL
+        raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable: {_first_line(exc)}") from None
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 

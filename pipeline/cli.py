@@ -1,4 +1,4 @@
-"""kflift command line: run | stage | predict | compile | submit | ui."""
+"""kflift command line: run | stage | predict | compile | submit | ui | server."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--output", metavar="DIR", default="kflift-output", help="the run output folder")
     ui.add_argument("--tracking-uri", metavar="URI", help="store to show (default: the output's SQLite store)")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+
+    srv = sub.add_parser("server", help="start the MLflow tracking server with a PostgreSQL store (loopback)",
+                         description="Serve MLflow (runs in PostgreSQL, artifacts proxied by the server) and "
+                                     "print the URI for `kflift run --tracking-uri`. Without --backend-store-uri "
+                                     "a local PostgreSQL cluster under the output folder is created once, started "
+                                     "with the server and stopped with it (Ctrl-C or SIGTERM).")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    srv.add_argument("--backend-store-uri", metavar="URI",
+                     help="an existing PostgreSQL database, postgresql://USER[:PASSWORD]@HOST:PORT/DB "
+                          "(default: the local cluster in OUTPUT/postgres)")
+    srv.add_argument("--artifacts-destination", metavar="DIR",
+                     help="where the server stores artifacts (default: OUTPUT/mlartifacts)")
+    srv.add_argument("--output", metavar="DIR", default="kflift-output",
+                     help="folder for the local cluster and artifacts (default ./kflift-output)")
+    srv.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     return parser
 
 
@@ -200,8 +216,19 @@ def _ui(args) -> int:
     os.execv(sys.executable, cmd)
 
 
+def _server(args) -> int:
+    from kflift.pipeline.server import ServerError, serve
+
+    try:
+        return serve(args.output, args.host, args.port, args.backend_store_uri, args.artifacts_destination,
+                     args.workers)
+    except ServerError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+
+
 COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "submit": _submit,
-            "ui": _ui}
+            "ui": _ui, "server": _server}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,14 +44,15 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
     if runner != "subprocess":  # before anything is written or tracked
         raise NotImplementedError("--runner docker is not available yet (the containers issue)")
     output = Path(cfg.output).resolve()
+    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
+    tracking.check_server(tracking_uri)  # a dead server fails fast, before any data or run folder is written
     data_dir, source_dir = resolve_data(cfg)
     run_id = new_run_id()
     print(f"run id: {run_id}", flush=True)
-    run_dir = output / "runs" / run_id
-    run_dir.mkdir(parents=True)
-    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
     parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
                                        {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
+    run_dir = output / "runs" / run_id  # made once the parent run exists: a store error leaves no folder
+    run_dir.mkdir(parents=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"))
     start = time.time()
