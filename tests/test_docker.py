@@ -19,7 +19,7 @@ IMAGE = "kflift-cpu:test"  # both flavours: the GPU base image cannot be pulled 
 IMAGES = ["--set", f"images.cpu={IMAGE}", "--set", f"images.gpu={IMAGE}"]
 FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
         "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
-TIMINGS = {}  # printed at the end of the module (pytest -s or the -rA summary)
+TIMINGS = {}  # written to the terminal at the end of the module (CI's cost of this test)
 
 
 def timed(name):
@@ -28,7 +28,7 @@ def timed(name):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(request):
     """A docker SDK client of an engine that holds the base image, or a skip saying why there is none."""
     from kflift.pipeline.images import ImageError, engine as connect
 
@@ -46,8 +46,10 @@ def engine():
         client = connect()
     done()
     yield client
-    print("\ndocker test timings (s):", TIMINGS)
     client.close()
+    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"\ntests/test_docker.py timings (s): {TIMINGS}")
 
 
 @pytest.fixture(scope="module")
