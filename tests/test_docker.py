@@ -87,10 +87,10 @@ def image(engine):
 def stage_records(out):
     """stage -> (status, param keys, metric keys) of the one pipeline run in out's MLflow store, and the client."""
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    [parent] = client.search_runs([client.get_experiment_by_name("kflift").experiment_id],
-                                  filter_string="tags.`kflift.run_id` != ''")
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = client.search_runs([client.get_experiment_by_name("kflift").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1
     records = {r.data.tags["kflift.stage"]: (r.info.status, set(r.data.params), set(r.data.metrics))
                for r in children}
     return parent, records, {r.data.tags["kflift.stage"]: r.info.run_id for r in children}, client
