@@ -1,4 +1,4 @@
-"""kflift command line: run | stage | predict | compile | submit | ui | server."""
+"""kflift command line: run | stage | predict | compile | submit | ui | server | images."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI "
                      "(default: a SQLite store under the output folder)")
     run.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
-                     help="subprocess: every stage in this environment (default); docker: in its image")
+                     help="subprocess: every stage in this environment (default); docker: every stage in "
+                          "its image (config images.cpu/images.gpu, made by `kflift images build`)")
     _beam_args(run)
     _config_args(run)
 
@@ -95,6 +96,34 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--output", metavar="DIR", default="kflift-output",
                      help="folder for the local cluster and artifacts (default ./kflift-output)")
     srv.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
+
+    images = sub.add_parser("images", help="build and push the stage images with a Docker engine",
+                            description="The stage images, named by config images.cpu / images.gpu.")
+    isub = images.add_subparsers(dest="images_command", required=True)
+    ib = isub.add_parser("build", help="build the images (and push them)", description=(
+        "Build containers/Dockerfile with the Docker engine (DOCKER_HOST or the local socket) and tag the "
+        "images as config images.cpu / images.gpu name them, so compile and run --runner docker use them. "
+        "An image whose sources, wheels and build arguments are unchanged is kept."))
+    ib.add_argument("--flavor", choices=["cpu", "gpu", "all"], default="all",
+                    help="cpu: augment/build/evaluate; gpu: train/finetune (default: all)")
+    ib.add_argument("--tag", metavar="T", help="replace the tag part of the configured names, e.g. --tag dev "
+                    "gives kflift-cpu:dev (then run/compile with --set images.cpu=kflift-cpu:dev ...); "
+                    "for another repository set the whole name: --set images.cpu=NAME:TAG")
+    ib.add_argument("--base-image", metavar="IMG", help="base image (default: python:3.11-slim for cpu, "
+                    "tensorflow/tensorflow:2.21.0-gpu for gpu); it must hold Python 3.11")
+    ib.add_argument("--wheelhouse", metavar="DIR", help="install from these wheels only, no network in the "
+                    "build (make it with `kflift images wheelhouse DIR`)")
+    ib.add_argument("--push", metavar="REGISTRY", help="also tag as REGISTRY/NAME:TAG and push there")
+    ib.add_argument("--context", metavar="DIR", help="the kflift source checkout (default: the one this "
+                    "kflift runs from, else the current folder)")
+    ib.add_argument("--force", action="store_true", help="rebuild even when the image is up to date")
+    _config_args(ib)
+    iw = isub.add_parser("wheelhouse", help="download/build wheels for an offline image build",
+                         description="pip wheel kflift and every pinned dependency into DIR.")
+    iw.add_argument("dir", metavar="DIR", help="where the wheels go (reused wheels stay)")
+    iw.add_argument("--context", metavar="DIR", help="the kflift source checkout")
+    iw.add_argument("--force", action="store_true", help="remake it even when constraints.txt and "
+                    "pyproject.toml are unchanged since it was made")
     return parser
 
 
@@ -113,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from kflift.components.data import DataError
     from kflift.components.tracking import TrackingError
+    from kflift.pipeline.images import ImageError
     from kflift.pipeline.local_run import StageFailed, run_local
 
     overrides = list(args.overrides)
@@ -123,7 +153,7 @@ def _run(args) -> int:
     cfg.augment.beam_options += args.beam_options
     try:
         summary = run_local(cfg, runner=args.runner)
-    except (DataError, TrackingError, StageFailed, NotImplementedError) as exc:
+    except (DataError, TrackingError, StageFailed, ImageError) as exc:
         print(f"kflift: {exc}", file=sys.stderr)
         return 1
     best = summary["candidates"].get(summary["winner"] or "", {})
@@ -227,8 +257,31 @@ def _server(args) -> int:
         return 1
 
 
+def _images(args) -> int:
+    from kflift.pipeline import images
+
+    try:
+        if args.images_command == "wheelhouse":
+            images.make_wheelhouse(args.dir, args.context, args.force)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        flavors = ["cpu", "gpu"] if args.flavor == "all" else [args.flavor]
+        built = images.build(cfg, flavors, tag=args.tag, base_image=args.base_image, wheelhouse=args.wheelhouse,
+                             push=args.push, context=args.context, force=args.force)
+    except images.ImageError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+    for flavor, name in built.items():
+        print(f"{flavor}: {name}")
+    configured = {f: getattr(cfg.images, f) for f in built}
+    if built != configured:  # compile and run read the names from config
+        sets = " ".join(f"--set images.{f}={n}" for f, n in built.items())
+        print(f"use them with: kflift compile|run|submit {sets}")
+    return 0
+
+
 COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "submit": _submit,
-            "ui": _ui, "server": _server}
+            "ui": _ui, "server": _server, "images": _images}
 
 if __name__ == "__main__":
     sys.exit(main())

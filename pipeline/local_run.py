@@ -41,12 +41,15 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
 
     from kflift.pipeline.pipeline import make_pipeline
 
-    if runner != "subprocess":  # before anything is written or tracked
-        raise NotImplementedError("--runner docker is not available yet (the containers issue)")
+    client = docker_engine(cfg) if runner == "docker" else None  # before anything is written or tracked
     output = Path(cfg.output).resolve()
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
     tracking.check_server(tracking_uri)  # a dead server fails fast, before any data or run folder is written
     data_dir, source_dir = resolve_data(cfg)
+    if client is not None:
+        kfp_runner = docker_runner(client, [output], [data_dir, source_dir], tracking_uri)
+    else:
+        kfp_runner = kfp.local.SubprocessRunner(use_venv=False)
     run_id = new_run_id()
     print(f"run id: {run_id}", flush=True)
     parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
@@ -54,7 +57,7 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
     run_dir = output / "runs" / run_id  # made once the parent run exists: a store error leaves no folder
     run_dir.mkdir(parents=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"))
+    kfp.local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"))
     start = time.time()
     try:
         task = make_pipeline(cfg)(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
@@ -65,9 +68,13 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
         raise StageFailed(f"stage {', '.join(failed) or '(unknown)'} failed: {exc}. Its log is above; "
                           f"outputs so far are under {run_dir}") from None
     wall = time.time() - start
+    runs = tracking.stage_runs(tracking_uri, parent)
+    failed = [s for s, r in runs.items() if r["status"] != "FINISHED"]
+    if failed:  # KFP's DockerRunner may report a removed container's failure as success
+        tracking.end_run(tracking_uri, parent, "FAILED")
+        raise StageFailed(f"stage {', '.join(failed)} failed. Its log is above; outputs so far are under {run_dir}")
     evaluation = Path(task.output.path)
     report = json.loads((evaluation / "report.json").read_text())
-    runs = tracking.stage_runs(tracking_uri, parent)
     stages = {s: r["metrics"].get(tracking.PROCESS_SECONDS) for s, r in runs.items()}
     summary = {
         "run_id": run_id,
@@ -93,6 +100,58 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
     tracking.end_run(tracking_uri, parent, "FINISHED")
     summary["path"] = str(run_dir / "summary.json")
     return summary
+
+
+def docker_engine(cfg: Config):
+    """The engine for --runner docker, once it holds the configured images (else ImageError)."""
+    from kflift.pipeline.images import ImageError, engine, missing_images
+
+    client = engine()
+    missing = missing_images(client, {cfg.images.cpu, cfg.images.gpu})
+    if missing:
+        raise ImageError(f"image {', '.join(missing)} is not in the Docker engine; build it with "
+                         f"`kflift images build` (same --config/--set images.* as this run)")
+    return client
+
+
+def docker_runner(client, writable: list[Path], readable: list[str], tracking_uri: str):
+    """kfp.local.DockerRunner: stages run as this user, see the host paths they need at the same
+    paths, reach a loopback MLflow server (host network) and get the GPUs when the engine has them."""
+    import docker
+    import kfp.local
+
+    store = None
+    if tracking_uri.startswith("sqlite:///"):  # the database and the artifacts beside it
+        store = Path(tracking_uri[len("sqlite:///"):]).parent
+    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        store = Path(tracking_uri.removeprefix("file://")).resolve()
+    paths = {Path(p).resolve(): False for p in readable}
+    paths.update({Path(p).resolve(): True for p in writable + ([store] if store else [])})
+    mounts = [docker.types.Mount(target=str(p), source=str(p), type="bind", read_only=not rw)
+              for p, rw in sorted(paths.items())
+              if not any(p != q and p.is_relative_to(q) and (qrw or not rw) for q, qrw in paths.items())]
+    args = dict(user=f"{os.getuid()}:{os.getgid()}", network_mode="host", mounts=mounts,
+                environment={"HOME": "/tmp", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if host_gpus(client):
+        args["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    print(f"docker runner: user {args['user']}, host network, "
+          f"{'all GPUs' if 'device_requests' in args else 'no GPU'}, mounts "
+          f"{', '.join(m['Target'] + (' (ro)' if m['ReadOnly'] else '') for m in mounts)}", flush=True)
+    return kfp.local.DockerRunner(**args)
+
+
+def host_gpus(client) -> bool:
+    """An NVIDIA GPU on the host and an engine that can hand it to containers (nvidia runtime/hook)."""
+    runtimes = client.info().get("Runtimes") or {}
+    if "nvidia" not in runtimes and not shutil.which("nvidia-container-runtime-hook"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    import subprocess
+
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    return listed.returncode == 0 and "GPU" in listed.stdout
 
 
 __all__ = ["DataError", "StageFailed", "resolve_data", "run_local"]

@@ -98,7 +98,14 @@ def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
         raise AssertionError(f"something still listens on port {port} after the UI was stopped")
 
 
-def test_docker_runner_is_refused_before_anything_is_written(tmp_path):
+def test_docker_runner_without_an_engine_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-engine.sock'}")
     proc = kflift("run", "--runner", "docker", "--output", str(tmp_path / "out"))
-    assert_clean_failure(proc, "--runner docker is not available yet")
-    assert not (tmp_path / "out" / "mlflow.db").exists()
+    assert_clean_failure(proc, "no Docker engine answers at unix://", "scripts/docker-engine.sh")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_build_refuses_an_empty_wheelhouse(tmp_path):
+    proc = kflift("images", "build", "--wheelhouse", str(tmp_path))
+    assert_clean_failure(proc, f"wheelhouse {tmp_path} holds no wheels", "kflift images wheelhouse")
