@@ -72,3 +72,16 @@ def kflift(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproces
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "kflift.pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# A small but complete run: every stage, a couple of epochs each.
+FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
+        "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, tiny_digits) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `kflift run` of the default demo (digits) in subprocesses, shared by the tests that
+    inspect such a run (test_e2e) or compare another runner's records with it (test_docker)."""
+    out = tmp_path_factory.mktemp("digits-run") / "out"
+    return kflift("run", "--output", str(out), "--data", str(tiny_digits), *FAST, timeout=1800), out

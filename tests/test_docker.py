@@ -12,13 +12,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, kflift
+from conftest import FAST, REPO, kflift
 
 BASE = os.environ.get("KFLIFT_BASE_IMAGE", "kflift-base:bookworm")
 IMAGE = "kflift-cpu:test"  # both flavours: the GPU base image cannot be pulled here
 IMAGES = ["--set", f"images.cpu={IMAGE}", "--set", f"images.gpu={IMAGE}"]
-FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
-        "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
 TIMINGS = {}  # written to the terminal at the end of the module (CI's cost of this test)
 
 
@@ -96,7 +94,7 @@ def stage_records(out):
     return parent, records, {r.data.tags["kflift.stage"]: r.info.run_id for r in children}, client
 
 
-def test_whole_dag_in_containers_matches_the_subprocess_run(image, engine, tiny_digits, tmp_path):
+def test_whole_dag_in_containers_matches_the_subprocess_run(image, engine, tiny_digits, digits_run, tmp_path):
     args = ["--data", str(tiny_digits), *IMAGES, *FAST]
     done = timed("docker DAG run")
     proc = kflift("run", "--runner", "docker", "--output", str(tmp_path / "docker"), *args, timeout=1800)
@@ -106,13 +104,11 @@ def test_whole_dag_in_containers_matches_the_subprocess_run(image, engine, tiny_
     assert len(re.findall(rf"Found image '{IMAGE}'", proc.stdout)) == 10  # every stage ran in the image
     assert not engine.containers.list(all=True, filters={"ancestor": IMAGE})  # each removed after its stage
 
-    done = timed("subprocess DAG run")
-    ref = kflift("run", "--output", str(tmp_path / "subprocess"), *args, timeout=1800)
-    done()
+    ref, ref_out = digits_run  # the same data and settings in subprocesses (shared with test_e2e)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
     parent, records, run_ids, client = stage_records(tmp_path / "docker")
-    ref_parent, ref_records, _, _ = stage_records(tmp_path / "subprocess")
+    ref_parent, ref_records, _, _ = stage_records(ref_out)
     assert parent.info.status == ref_parent.info.status == "FINISHED"
     assert records == ref_records  # same stages, all FINISHED, same param and metric keys
     assert {status for status, _, _ in records.values()} == {"FINISHED"}

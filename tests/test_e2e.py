@@ -5,26 +5,24 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import kflift
+from conftest import FAST, kflift
 
-FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
-        "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
 STAGES = {"augment", "augment-source", "build-baseline", "build-regularized", "build-backbone",
           "train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
 
 
 @pytest.mark.parametrize("dataset", ["cifar", "digits"])
-def test_whole_pipeline_runs_and_is_tracked(dataset, tiny_cifar, tiny_digits, tmp_path):
+def test_whole_pipeline_runs_and_is_tracked(dataset, request, tmp_path):
     stages, candidates = set(STAGES), {"baseline", "regularized", "transfer"}
     if dataset == "cifar":  # with a two-point learning-rate sweep fanned out by dsl.ParallelFor
-        args = ["--data", str(tiny_cifar), "--set", "transfer.source_classes=airplane,ship",
-                "--set", "train.sweep={learning_rate: [0.001, 0.003]}"]
+        out = tmp_path / "out"
+        proc = kflift("run", "--output", str(out), "--data", str(request.getfixturevalue("tiny_cifar")),
+                      "--set", "transfer.source_classes=airplane,ship",
+                      "--set", "train.sweep={learning_rate: [0.001, 0.003]}", *FAST)
         stages |= {"build-sweep-0", "build-sweep-1", "train-sweep-0", "train-sweep-1", "sweep-select"}
         candidates.add("sweep-best")
-    else:
-        args = ["--data", str(tiny_digits)]  # default demo: digits 0-4 are the transfer source
-    out = tmp_path / "out"
-    proc = kflift("run", "--output", str(out), *args, *FAST)
+    else:  # the default demo: digits 0-4 are the transfer source (the run is shared with test_docker)
+        proc, out = request.getfixturevalue("digits_run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     run_id = re.search(r"^run id: (\S+)$", proc.stdout, re.M).group(1)
