@@ -87,11 +87,14 @@ def write_digits_folder(target: str | Path) -> Path:
         img = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         Image.fromarray(img, mode="L").save(tmp / str(label) / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
-    if target.exists():  # a half-written folder from a killed run
-        import shutil
+    import shutil
 
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # a concurrent run published it first: keep theirs (a reader may be using it)
+        shutil.rmtree(tmp)
+        if not (target / ".complete").exists():
+            raise
     return target
 
 
