@@ -47,6 +47,9 @@ class Spec:
     data: list = field(default_factory=list)
     checkpoints: bool = False
 
+    def input_paths(self) -> list[str]:
+        return [a.path for a in _flat(self.inputs)] + [str(d) for d in self.data if d]
+
 
 def _flat(artifacts) -> list:
     out = []

@@ -204,7 +204,7 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
     fn_name = fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
     store = cache.StageCache(tracking.get("cache_dir", ""), tracking.get("cache_mode", ""), fn_name, kwargs,
                              cached)
-    inputs = [a.path for a in cache._flat(cached.inputs)] + list(cached.data) if cached else None
+    inputs = cached.input_paths() if cached else None
     with store.locked(stage), stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage,
                                         tracking.get("experiment", "kflift"),
                                         tracking.get("run_id") or tracking.get("job_id", ""), inputs) as run:

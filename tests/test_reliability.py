@@ -93,9 +93,9 @@ def test_rerun_unchanged_takes_every_stage_from_the_cache(first):
     assert set(summary["cached"]) == UPSTREAM | TRAIN_ONWARD == set(summary["stages"])
     assert summary["candidates"] == first["summary"]["candidates"]
     # nothing recomputed: this run's outputs are the cache entries' files (hard links), not new ones
-    models = list((out / "runs" / summary["run_id"] / "kfp").glob("*/train-baseline/model/model.keras"))
-    assert len(models) == 1 and any(os.path.samefile(models[0], p) for p in
-                                    (out / "cache").glob("*/outputs/model/model.keras"))
+    models = list((out / "runs" / summary["run_id"] / "kfp").glob("*/*/model/model.keras"))
+    stored = list((out / "cache").glob("*/outputs/model/model.keras"))
+    assert len(models) == 7 and all(any(os.path.samefile(m, p) for p in stored) for m in models)
     # each cached stage run links to the run that produced its outputs, in the first pipeline run
     producers = {s: r.info.run_id for s, r in stage_runs(out, first["summary"]["mlflow_run_id"]).items()}
     for stage, run in stage_runs(out, summary["mlflow_run_id"]).items():
@@ -148,17 +148,19 @@ def test_kill_9_during_augment_then_during_training_and_resume(first, tmp_path):
     out = tmp_path / "out"
     run = Background("--data", str(first["data"]), "--output", str(out), *CONFIG, log=tmp_path / "1.log")
     try:
-        run.wait_for("augment at work", lambda: list((out / "runs").glob("*/kfp/*/augment/.dataset-partial-*")))
+        run.wait_for("augment at work",
+                     lambda: list((out / "runs").glob("*/kfp/*/augment-step/.dataset-partial-*")))
         run.kill9()
     finally:
         run.stop()
     run_id = run_id_of(run.log.read_text())
     assert not list((out / "cache").glob("*/entry.json"))  # nothing half-made looks finished
-    assert not list((out / "runs").glob("*/kfp/*/augment/dataset"))
+    assert not list((out / "runs").glob("*/kfp/*/augment-step/dataset"))
 
     run = Background("--output", str(out), "--resume", run_id, log=tmp_path / "2.log")
     try:
-        ckpt = run.wait_for("a training checkpoint", lambda: list((out / "cache").glob("*.partial/epoch-001.keras")))
+        ckpt = run.wait_for("a training checkpoint",
+                            lambda: list((out / "cache").glob("*.partial/epoch-001.keras")))
         run.kill9()
     finally:
         run.stop()
