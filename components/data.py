@@ -87,11 +87,14 @@ def write_digits_folder(target: str | Path) -> Path:
         img = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         Image.fromarray(img, mode="L").save(tmp / str(label) / f"{i:04d}.png")
     (tmp / ".complete").write_text("")
-    if target.exists():  # a half-written folder from a killed run
-        import shutil
+    import shutil
 
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # a concurrent run published it first: keep theirs (a reader may be using it)
+        shutil.rmtree(tmp)
+        if not (target / ".complete").exists():
+            raise
     return target
 
 
@@ -154,11 +157,13 @@ def read_meta(dataset_dir: str | Path) -> dict:
 
 
 def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
-               augmented: bool = True):
+               augmented: bool = True, epochs: tuple[int, int] = (0, 1)):
     """A tf.data pipeline of (image, label) batches from the transformed TFRecords.
 
     `augmented=False` keeps only the original images (drops the offline augmented copies), so a
-    candidate can be trained without the augmentation lever on the same dataset.
+    candidate can be trained without the augmentation lever on the same dataset. With `shuffle`,
+    one pass per epoch in `range(*epochs)`, each shuffled by (seed, epoch): training resumed at
+    epoch k sees the same batches as an uninterrupted run (fit it with steps_per_epoch).
     """
     import tensorflow as tf
 
@@ -184,7 +189,9 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
         ds = ds.filter(lambda image, label, key: tf.logical_not(tf.strings.regex_full_match(key, ".*-aug[0-9]+")))
     ds = ds.map(lambda image, label, key: (image, label)).cache()
     if shuffle:
-        ds = ds.shuffle(20_000, seed=seed, reshuffle_each_iteration=True)
+        one = ds
+        return tf.data.Dataset.range(*epochs).flat_map(
+            lambda e: one.shuffle(20_000, seed=seed * 100_003 + e).batch(batch_size)).prefetch(tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 RUN_ID_TAG = "kflift.run_id"
 STAGE_TAG = "kflift.stage"
+CACHED_FROM_TAG = "kflift.cached_from"  # on a cache hit: the MLflow run that produced the outputs
+ERROR_TAG = "kflift.error"  # on a failed stage: the cause, in one line
+INPUTS_TAG = "kflift.inputs"  # the stage's input artifacts and data folders
 STAGE_SECONDS = "stage_seconds"  # the stage function's own work
 PROCESS_SECONDS = "process_seconds"  # from its process start: interpreter, imports, tracking too
 
@@ -53,14 +56,34 @@ def _client(tracking_uri: str):
 
 
 def _experiment_id(client, name: str, tracking_uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # Artifacts beside the SQLite file, not in the current directory.
-        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    with _sqlite_lock(tracking_uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            # Artifacts beside the SQLite file, not in the current directory.
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def _sqlite_lock(tracking_uri: str):
+    """Concurrent runs on one SQLite store: one at a time creates its tables and the experiment
+    (both would otherwise race to create them). A server store serializes this itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_id: str, params: dict) -> str:
@@ -82,6 +105,26 @@ def log_summary(tracking_uri: str, mlflow_run_id: str, summary_path: Path, metri
 
 def end_run(tracking_uri: str, mlflow_run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(mlflow_run_id, status)
+
+
+def resume_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """The parent run of pipeline run `run_id`, RUNNING again; the stage runs a crash left RUNNING
+    are marked KILLED (their stages rerun or come from the cache under new nested runs)."""
+    try:
+        client = _client(tracking_uri)
+        exp_id = _experiment_id(client, experiment, tracking_uri)
+        tagged = client.search_runs([exp_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
+    except Exception as exc:  # noqa: BLE001
+        raise TrackingError(f"MLflow tracking store {tracking_uri} is not usable: {_first_line(exc)}") from None
+    found = [r for r in tagged if "mlflow.parentRunId" not in r.data.tags]  # the stages carry the tag too
+    if not found:
+        raise TrackingError(f"run {run_id}: no MLflow parent run tagged {RUN_ID_TAG}={run_id} in {tracking_uri}")
+    parent = found[0].info.run_id
+    client.update_run(parent, status="RUNNING")
+    for stage in stage_runs(tracking_uri, parent).values():
+        if stage["status"] == "RUNNING":
+            client.set_terminated(stage["run_id"], "KILLED")
+    return parent
 
 
 class StageRun:
@@ -133,8 +176,9 @@ def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) ->
 
 
 @contextlib.contextmanager
-def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str = "kflift", run_id: str = ""):
-    """A nested MLflow run around one stage; records wall seconds and FAILED on error.
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str = "kflift", run_id: str = "",
+              inputs: list | None = None):
+    """A nested MLflow run around one stage; records wall seconds, and FAILED with the cause on error.
 
     Without a `parent_run_id` the parent is found (or made) by the pipeline `run_id`.
     """
@@ -147,13 +191,15 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str
         run = client.create_run(
             parent.info.experiment_id, run_name=stage,
             tags={"mlflow.parentRunId": parent_run_id, STAGE_TAG: stage,
-                  RUN_ID_TAG: parent.data.tags.get(RUN_ID_TAG, "")})
+                  RUN_ID_TAG: parent.data.tags.get(RUN_ID_TAG, ""),
+                  **({INPUTS_TAG: ", ".join(map(str, inputs))[:5000]} if inputs else {})})
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"stage {stage}: MLflow store {tracking_uri} is not usable: {_first_line(exc)}") from None
     handle = StageRun(client, run.info.run_id)
     try:
         yield handle
-    except BaseException:
+    except BaseException as exc:
+        client.set_tag(run.info.run_id, ERROR_TAG, _first_line(exc)[:5000])
         client.log_metric(run.info.run_id, STAGE_SECONDS, time.time() - start)
         client.set_terminated(run.info.run_id, "FAILED")
         raise
@@ -162,19 +208,47 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, **kwargs) -> dict:
+def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **kwargs) -> dict:
     """Run a stage function inside its nested MLflow run and log what it returns.
 
-    `tracking` holds uri, parent_run_id, experiment and run_id; `kfp_metrics` is any object with
-    `log_metric` (a KFP Metrics artifact) that receives the scalar metrics too.
+    `fn` is the function or its "module:name" (imported only when the stage really runs).
+    `tracking` holds uri, parent_run_id, experiment and run_id, and cache_dir + cache_mode for the
+    local step cache; `cached` (a cache.Spec) names the stage's artifacts for it. On a cache hit the
+    nested run gets the stored params and metrics and a tag naming the producing run.
+    `kfp_metrics` is any object with `log_metric` (a KFP Metrics artifact) that receives the
+    scalar metrics too.
     """
-    with stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage,
-                   tracking.get("experiment", "kflift"),
-                   tracking.get("run_id") or tracking.get("job_id", "")) as run:
-        result = fn(**kwargs)
-        run.log(result)
-        if result.get("register"):
-            run.register(**result["register"])
+    from kflift.components import cache
+
+    fn_name = fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
+    store = cache.StageCache(tracking.get("cache_dir", ""), tracking.get("cache_mode", ""), fn_name, kwargs,
+                             cached)
+    inputs = cached.input_paths() if cached else None
+    with store.locked(stage), stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage,
+                                        tracking.get("experiment", "kflift"),
+                                        tracking.get("run_id") or tracking.get("job_id", ""), inputs) as run:
+        hit = store.lookup()
+        if hit:
+            print(f"{stage}: cached (fingerprint {store.key[:12]}, produced by MLflow run {hit['producer']})",
+                  flush=True)
+            store.restore()
+            result = hit["result"]
+            run.client.set_tag(run.run_id, CACHED_FROM_TAG, hit["producer"])
+            run.log({k: result.get(k, {}) for k in ("params", "metrics", "history")})
+        else:
+            if store.on:
+                print(f"{stage}: running (fingerprint {store.key[:12]})", flush=True)
+            if isinstance(fn, str):
+                import importlib
+
+                module, name = fn.split(":")
+                fn = getattr(importlib.import_module(module), name)
+            result = fn(**store.prepare(kwargs))
+            run.log(result)
+            if result.get("register"):
+                run.register(**result["register"])
+            store.store(stage, result, run.run_id)
+    store.mark()
     if kfp_metrics is not None:
         for key, value in _flat(result.get("metrics", {})).items():
             if isinstance(value, (int, float)):
@@ -200,7 +274,9 @@ def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
     return {r.data.tags.get(STAGE_TAG, r.info.run_name): {"run_id": r.info.run_id, "status": r.info.status,
-                                                            "metrics": dict(r.data.metrics)} for r in runs}
+                                                            "metrics": dict(r.data.metrics),
+                                                            "tags": dict(r.data.tags)}
+            for r in sorted(runs, key=lambda r: r.info.start_time)}
 
 
 def _log_params(client, run_id: str, params: dict) -> None:

@@ -112,6 +112,21 @@ class _AtomicCheckpoint(keras.callbacks.Callback):
         os.replace(tmp, final)
 
 
+class _EpochSeed(keras.callbacks.Callback):
+    """Reset the random layers' seed state (dropout, online augmentation) from (seed, epoch) at each
+    epoch: a resumed run draws the masks an uninterrupted one does (the stream in a checkpoint does not
+    carry over exactly)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        states = [v for v in self.model.variables if "seed_generator_state" in v.path]
+        for i, state in enumerate(states):
+            state.assign(tf.constant([self.seed * 100_003 + epoch * 101 + i, 0], dtype=state.dtype))
+
+
 def _truncate_log(log_path: Path, epochs: int) -> None:
     """Keep the CSV history of the checkpointed epochs only: a kill can land between the log row
     and the checkpoint of an epoch, which the resumed run then trains again."""
@@ -138,7 +153,9 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     log_path = checkpoint_dir / f"{tag}-history.csv"
     checkpoint, done = last_checkpoint(checkpoint_dir, tag) if resume else (None, 0)
-    keras.utils.set_random_seed(seed + done)
+    # Same seed, per-epoch data order, deterministic ops: a resumed run matches an uninterrupted one.
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
     strategy, policy = accelerators(mixed_precision, distribute)
     with strategy.scope():  # variables made here are mirrored over the strategy's devices
         if checkpoint is not None:
@@ -154,19 +171,22 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     if policy != "float32" or strategy.num_replicas_in_sync > 1:
         print(f"{tag}: {policy} on {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})",
               flush=True)
-    train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented)
+    train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented,
+                          epochs=(done, epochs))
+    steps = math.ceil(split_size(dataset_dir, "train", augmented) / batch_size)
     has_val = split_size(dataset_dir, "val") > 0
     val_ds = load_split(dataset_dir, "val", batch_size) if has_val else None
     monitor = monitor if has_val else monitor.removeprefix("val_")
     callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
+    callbacks.append(_EpochSeed(seed))
     if patience > 0:  # mode (min for a loss, max for an accuracy) follows the monitor's name
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                                        restore_best_weights=True))
     # Last, so they see every metric the others added (the learning rate among them).
     callbacks += [keras.callbacks.CSVLogger(str(log_path), append=True), _AtomicCheckpoint(checkpoint_dir, tag)]
     if done < epochs:
-        model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, callbacks=callbacks,
-                  verbose=2)
+        model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=2)
     # The CSV log holds every epoch, those before a crash included.
     with log_path.open() as f:
         rows = list(csv.DictReader(f))

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                      help="subprocess: every stage in this environment (default); docker: every stage in "
                           "its image (config images.cpu/images.gpu, made by `kflift images build`)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="run every stage afresh instead of taking unchanged ones from <output>/cache")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue that run (after a crash or kill) in its "
+                     "folder, with its saved config and MLflow run: finished stages come from the cache, "
+                     "training from its last checkpoint")
     _beam_args(run)
     _config_args(run)
 
@@ -146,18 +151,23 @@ def _run(args) -> int:
     from kflift.pipeline.local_run import StageFailed, run_local
 
     overrides = list(args.overrides)
+    if args.resume and (args.config or overrides or args.data or args.tracking_uri or args.beam_options
+                        or args.no_cache):
+        raise ConfigError("--resume runs the saved config of that run: give only --output with it")
     for key, value in (("data", args.data), ("output", args.output), ("tracking_uri", args.tracking_uri)):
         if value:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
     cfg.augment.beam_options += args.beam_options
     try:
-        summary = run_local(cfg, runner=args.runner)
+        summary = run_local(cfg, runner=args.runner, cache=not args.no_cache, resume=args.resume)
     except (DataError, TrackingError, StageFailed, ImageError) as exc:
         print(f"kflift: {exc}", file=sys.stderr)
         return 1
     best = summary["candidates"].get(summary["winner"] or "", {})
     print(f"\nwinner: {summary['winner']} ({', '.join(f'{k}={v:.3f}' for k, v in best.items())})")
+    if summary["cached"]:
+        print(f"cached stages: {', '.join(summary['cached'])}")
     print(f"summary: {summary['path']}")
     if summary["serving"]:
         print(f"serving model: {summary['serving']}  (kflift predict --model {summary['serving']} IMAGE...)")

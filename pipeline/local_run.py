@@ -1,15 +1,19 @@
 """Run the pipeline on this machine with kfp.local, tracked under one MLflow parent run."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from kflift.components import tracking
-from kflift.components.data import DataError, list_images, write_digits_folder, write_json
+from kflift.components.data import (DataError, list_images, publish_dir, staging_dir, write_digits_folder,
+                                    write_json)
 from kflift.pipeline.config import Config
 
 
@@ -31,18 +35,88 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return str(data_dir), str(Path(tx.source_dir).resolve()) if tx.source_dir else str(data_dir)
 
 
+CONFIG_FILE = "config.json"
+LOG_FILE = "run.log"
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The resolved config a run started with (for --resume)."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"cannot resume: {path} not found (is the run id right, and --output the run's?)")
+    return Config.model_validate(json.loads(path.read_text()))
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()  # the log is whole up to the moment of a kill
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _tee(path: Path):
+    """Copy this process's output (kfp.local prints every stage's output lines) into the run log."""
+    with path.open("a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)), \
+            contextlib.redirect_stderr(_Tee(sys.stderr, log)):
+        yield
+
+
+def _failure(tracking_uri: str, parent: str, exc: BaseException, log: Path, run_id: str, output: Path) -> str:
+    """One message: the failed stage, its input, the cause, where its log is, how to resume. Marks
+    the parent run FAILED (its stage run already is)."""
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    where = "stage (unknown)"
+    try:
+        tracking.end_run(tracking_uri, parent, "FAILED")
+        failed = [r for r in tracking.stage_runs(tracking_uri, parent).values() if r["status"] == "FAILED"]
+    except tracking.TrackingError as err:  # the store itself is what failed
+        failed, cause = [], f"{cause} ({err})"
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; keep the stage's message
+        failed, cause = [], f"{cause} (MLflow store {tracking_uri} not usable: {type(err).__name__})"
+    if failed:
+        tags = failed[-1]["tags"]
+        where = f"stage {tags.get(tracking.STAGE_TAG)}"
+        if tags.get(tracking.INPUTS_TAG):
+            where += f" (input {tags[tracking.INPUTS_TAG]})"
+        cause = tags.get(tracking.ERROR_TAG) or cause
+    return (f"{where} failed: {cause}. Log: {log}. Fix the cause, then continue with "
+            f"`kflift run --resume {run_id} --output {output}`")
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def run_local(cfg: Config, runner: str = "subprocess") -> dict:
-    """Execute the whole DAG locally; returns the summary (also written as summary.json)."""
+def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resume: str | None = None) -> dict:
+    """Execute the whole DAG locally; returns the summary (also written as summary.json).
+
+    Finished stages come from the step cache under `<output>/cache` (`cache=False` runs every stage
+    afresh, still storing the results). `resume` continues that run id in its folder with its saved
+    config and MLflow parent run: finished stages are cache hits, training goes on from its last
+    checkpoint.
+    """
     import kfp.local
 
     from kflift.pipeline.pipeline import make_pipeline
 
-    client = docker_engine(cfg) if runner == "docker" else None  # before anything is written or tracked
     output = Path(cfg.output).resolve()
+    if resume:
+        run_id, run_dir = resume, output / "runs" / resume
+        cfg = saved_config(run_dir)
+    else:
+        run_id = new_run_id()
+        run_dir = output / "runs" / run_id
+    cfg = cfg.model_copy(update={"output": str(output)})
+    client = docker_engine(cfg) if runner == "docker" else None  # before anything is written or tracked
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri(output)
     tracking.check_server(tracking_uri)  # a dead server fails fast, before any data or run folder is written
     data_dir, source_dir = resolve_data(cfg)
@@ -50,23 +124,25 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
         kfp_runner = docker_runner(client, [output], [data_dir, source_dir], tracking_uri)
     else:
         kfp_runner = kfp.local.SubprocessRunner(use_venv=False)
-    run_id = new_run_id()
     print(f"run id: {run_id}", flush=True)
-    parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
-                                       {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
-    run_dir = output / "runs" / run_id  # made once the parent run exists: a store error leaves no folder
-    run_dir.mkdir(parents=True)
+    if resume:
+        parent = tracking.resume_parent_run(tracking_uri, cfg.experiment, run_id)
+    else:
+        parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
+                                           {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
+    run_dir.mkdir(parents=True, exist_ok=bool(resume))  # once the parent run exists: a store error leaves none
+    write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))  # what --resume runs again
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
     kfp.local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"))
+    log = run_dir / LOG_FILE
     start = time.time()
     try:
-        task = make_pipeline(cfg)(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
-                                        parent_run_id=parent, run_id=run_id)
+        with _tee(log):
+            task = make_pipeline(cfg)(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
+                                      parent_run_id=parent, run_id=run_id, cache_dir=str(output / "cache"),
+                                      cache_mode="use" if cache else "refresh")
     except BaseException as exc:
-        tracking.end_run(tracking_uri, parent, "FAILED")
-        failed = [s for s, r in tracking.stage_runs(tracking_uri, parent).items() if r["status"] == "FAILED"]
-        raise StageFailed(f"stage {', '.join(failed) or '(unknown)'} failed: {exc}. Its log is above; "
-                          f"outputs so far are under {run_dir}") from None
+        raise StageFailed(_failure(tracking_uri, parent, exc, log, run_id, output)) from None
     wall = time.time() - start
     runs = tracking.stage_runs(tracking_uri, parent)
     failed = [s for s, r in runs.items() if r["status"] != "FINISHED"]
@@ -82,6 +158,7 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
         "tracking_uri": tracking_uri,
         "data": data_dir,
         "stages": stages,
+        "cached": sorted(s for s, r in runs.items() if tracking.CACHED_FROM_TAG in r["tags"]),
         "stage_work_seconds": {s: r["metrics"].get(tracking.STAGE_SECONDS) for s, r in runs.items()},
         "wall_seconds": wall,
         "orchestration_overhead": (wall - sum(v or 0 for v in stages.values())) / wall,
@@ -92,7 +169,9 @@ def run_local(cfg: Config, runner: str = "subprocess") -> dict:
         "serving": str(run_dir / "serving") if report["winner"] else None,
     }
     if report["winner"]:
-        shutil.copytree(evaluation / "serving", run_dir / "serving")
+        work = staging_dir(run_dir / "serving")
+        shutil.copytree(evaluation / "serving", work, dirs_exist_ok=True)
+        publish_dir(work, run_dir / "serving")  # replaces a resumed run's earlier copy
     write_json(run_dir / "summary.json", summary)
     tracking.log_summary(tracking_uri, parent, run_dir / "summary.json",
                          {"wall_seconds": wall, **{f"{report['winner']}.{k}": v for k, v in

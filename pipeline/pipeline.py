@@ -20,10 +20,13 @@ def make_pipeline(cfg: Config):
 
     @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
     def kflift(data_dir: str, source_dir: str, tracking_uri: str = "", parent_run_id: str = "",
-               experiment: str = cfg.experiment, run_id: str = "") -> dsl.Artifact:
+               experiment: str = cfg.experiment, run_id: str = "", cache_dir: str = "",
+               cache_mode: str = "") -> dsl.Artifact:
         # Without a run id (a cluster run), stages group their MLflow runs under the KFP job id.
+        # Without a cache_dir (a cluster run) kflift's step cache is off: KFP caches there.
         tracking = {"uri": tracking_uri, "experiment": experiment, "parent_run_id": parent_run_id,
-                    "run_id": run_id, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+                    "run_id": run_id, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "cache_dir": cache_dir,
+                    "cache_mode": cache_mode}
         target = ops.augment(tracking=tracking, stage="augment", data_dir=data_dir, include_classes=[],
                              exclude_classes=tx.source_classes, **augment_args)
 

@@ -1,7 +1,9 @@
 """Thin KFP components: each turns KFP artifacts into paths and calls one stage function.
 
 KFP ships a lightweight component's source alone into its container, so each body imports what it
-needs. `tracking` is a dict of MLflow coordinates (uri, experiment, parent_run_id, run_id).
+needs. `tracking` is a dict of MLflow coordinates (uri, experiment, parent_run_id, run_id) and of
+the local step cache (cache_dir, cache_mode; empty on a cluster). Each stage function is named as
+"module:function", so a cache hit does not import TensorFlow; `cache.Spec` lists its artifacts.
 The images come from config: `make_components` binds them.
 """
 from types import SimpleNamespace
@@ -15,9 +17,10 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
                  exclude_classes: list, val_fraction: float, test_fraction: float, copies: int, ops: dict,
                  shards: int, num_workers: int, max_pixels: int, seed: int, beam_options: list,
                  dataset: Output[Dataset], stats: Output[Metrics]):
-    from kflift.components import augment, tracking as mlf
+    from kflift.components import cache, tracking as mlf
 
-    mlf.run_stage(stage, augment.augment, tracking, stats, data_dir=data_dir, output_dir=dataset.path,
+    mlf.run_stage(stage, "kflift.components.augment:augment", tracking, stats,
+                  cache.Spec(outputs=[dataset], data=[data_dir]), data_dir=data_dir, output_dir=dataset.path,
                   image_size=image_size, include_classes=include_classes, exclude_classes=exclude_classes,
                   val_fraction=val_fraction, test_fraction=test_fraction, copies=copies, ops=ops, shards=shards,
                   num_workers=num_workers, max_pixels=max_pixels, seed=seed, beam_options=beam_options)
@@ -26,11 +29,12 @@ def augment_step(tracking: dict, stage: str, data_dir: str, image_size: int, inc
 def build_step(tracking: dict, stage: str, dataset: Input[Dataset], variant: dict, dropout: float, l1: float,
                l2: float, seed: int, online_ops: dict, model: Output[Model], sweep_point: dict = {}):
     """`sweep_point` (a grid point of a ParallelFor) overrides the regularization and stage name."""
-    from kflift.components import build, tracking as mlf
+    from kflift.components import cache, tracking as mlf
 
     stage, dropout, l1, l2 = (sweep_point.get(k, v) for k, v in
                               (("build_stage", stage), ("dropout", dropout), ("l1", l1), ("l2", l2)))
-    mlf.run_stage(stage, build.build, tracking, dataset_dir=dataset.path, output_path=model.path,
+    mlf.run_stage(stage, "kflift.components.build:build", tracking, None,
+                  cache.Spec(inputs=[dataset], outputs=[model]), dataset_dir=dataset.path, output_path=model.path,
                   dropout=dropout, l1=l1, l2=l2, seed=seed, online_ops=online_ops, **variant)
 
 
@@ -39,12 +43,14 @@ def train_step(tracking: dict, stage: str, dataset: Input[Dataset], untrained: I
                mixed_precision: str, distribute: str, seed: int, augmented: bool, model: Output[Model],
                metrics: Output[Metrics], sweep_point: dict = {}):
     """`sweep_point` (a grid point of a ParallelFor) overrides the learning rate and stage name."""
-    from kflift.components import tracking as mlf, train
+    from kflift.components import cache, tracking as mlf
 
     stage = sweep_point.get("train_stage", stage)
     learning_rate = sweep_point.get("learning_rate", learning_rate)
 
-    mlf.run_stage(stage, train.train, tracking, metrics, dataset_dir=dataset.path, model_dir=untrained.path,
+    mlf.run_stage(stage, "kflift.components.train:train", tracking, metrics,
+                  cache.Spec(inputs=[dataset, untrained], outputs=[model], checkpoints=True),
+                  dataset_dir=dataset.path, model_dir=untrained.path,
                   output_dir=model.path, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                   optimizer=optimizer, schedule=schedule, patience=patience, monitor=monitor,
                   mixed_precision=mixed_precision, distribute=distribute, seed=seed, name=stage, augmented=augmented)
@@ -55,9 +61,11 @@ def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: 
                   lr_factor: float, head: str, head_units: int, batch_size: int, patience: int, monitor: str,
                   mixed_precision: str, distribute: str, seed: int, augmented: bool, model: Output[Model],
                   metrics: Output[Metrics], pretrained: Input[Model] = None):
-    from kflift.components import finetune, tracking as mlf
+    from kflift.components import cache, tracking as mlf
 
-    mlf.run_stage(stage, finetune.finetune, tracking, metrics, dataset_dir=dataset.path, output_dir=model.path,
+    mlf.run_stage(stage, "kflift.components.finetune:finetune", tracking, metrics,
+                  cache.Spec(inputs=[dataset, pretrained], outputs=[model]), dataset_dir=dataset.path,
+                  output_dir=model.path,
                   pretrained_dir=pretrained.path if pretrained else None, weights=weights, backbone=backbone,
                   frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,
                   learning_rate=learning_rate, optimizer=optimizer, lr_factor=lr_factor, head=head,
@@ -66,9 +74,10 @@ def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: 
 
 
 def select_best_step(tracking: dict, models: Input[List[Model]], metric: str, best: Output[Model]):
-    from kflift.components import sweep, tracking as mlf
+    from kflift.components import cache, tracking as mlf
 
-    mlf.run_stage("sweep-select", sweep.select_best, tracking, model_dirs=[m.path for m in models],
+    mlf.run_stage("sweep-select", "kflift.components.sweep:select_best", tracking, None,
+                  cache.Spec(inputs=list(models), outputs=[best]), model_dirs=[m.path for m in models],
                   output_dir=best.path, metric=metric)
 
 
@@ -80,11 +89,13 @@ def evaluate_step(tracking: dict, dataset: Input[Dataset], names: list, metric: 
     """Candidates arrive as model_1.. in the order of `names` (KFP needs a fixed signature)."""
     import shutil
 
-    from kflift.components import evaluate, tracking as mlf
+    from kflift.components import cache, tracking as mlf
 
     models = [model_1, model_2, model_3, model_4, model_5, model_6]
     candidates = {name: model.path for name, model in zip(names, models)}
-    result = mlf.run_stage("evaluate", evaluate.evaluate, tracking, metrics, dataset_dir=dataset.path,
+    result = mlf.run_stage("evaluate", "kflift.components.evaluate:evaluate", tracking, metrics,
+                           cache.Spec(inputs=[dataset, *models], outputs=[evaluation]),
+                           dataset_dir=dataset.path,
                            candidates=candidates, output_dir=evaluation.path, metric=metric,
                            min_metric=min_metric, baseline="baseline", registry_name=registry_name)
     out = result["report"]
