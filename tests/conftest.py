@@ -85,3 +85,14 @@ def digits_run(tmp_path_factory, tiny_digits) -> tuple[subprocess.CompletedProce
     inspect such a run (test_e2e) or compare another runner's records with it (test_docker)."""
     out = tmp_path_factory.mktemp("digits-run") / "out"
     return kflift("run", "--output", str(out), "--data", str(tiny_digits), *FAST, timeout=1800), out
+
+
+def finished_stage_runs(client, summary: dict) -> dict:
+    """A pipeline run's nested MLflow runs by stage, after checking that they and their parent
+    (tagged with the run id) FINISHED."""
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["kflift.run_id"] == summary["run_id"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert all(r.info.status == "FINISHED" for r in children)
+    return {r.data.tags["kflift.stage"]: r for r in children}

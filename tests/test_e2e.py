@@ -5,7 +5,7 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, kflift
+from conftest import FAST, finished_stage_runs, kflift
 
 STAGES = {"augment", "augment-source", "build-baseline", "build-regularized", "build-backbone",
           "train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
@@ -39,13 +39,9 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, request, tmp_path):
     assert ("roc_auc" in summary["candidates"]["baseline"]) == (dataset == "cifar")
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    parent = client.get_run(summary["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["kflift.run_id"] == run_id
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    by_stage = {r.data.tags["kflift.stage"]: r for r in children}
+    by_stage = finished_stage_runs(client, summary)
     assert set(by_stage) == stages
-    assert all(r.info.status == "FINISHED" for r in children)
+    parent = client.get_run(summary["mlflow_run_id"])
 
     def artifacts(stage, path=""):
         return {a.path for a in client.list_artifacts(by_stage[stage].info.run_id, path)}

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import kflift
+from conftest import finished_stage_runs, kflift
 from kflift.pipeline.server import Cluster, create_database, free_port
 from test_e2e import STAGES
 
@@ -107,13 +107,9 @@ def test_pipeline_tracks_into_the_server_on_postgres(postgres, open_dir, tiny_di
         assert not (out / "mlflow.db").exists()  # nothing went to the local SQLite default
 
         client = MlflowClient(tracking_uri=uri)
-        parent = client.get_run(summary["mlflow_run_id"])
-        assert parent.info.status == "FINISHED" and parent.data.tags["kflift.run_id"] == run_id
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        by_stage = {r.data.tags["kflift.stage"]: r for r in children}
+        by_stage = finished_stage_runs(client, summary)
         assert set(by_stage) == STAGES
-        assert all(r.info.status == "FINISHED" for r in children)
+        parent = client.get_run(summary["mlflow_run_id"])
         version = client.get_model_version_by_alias("kflift-classifier", "champion")
         assert version.run_id == by_stage["evaluate"].info.run_id
         assert version.tags["kflift.candidate"] == summary["winner"]
@@ -128,7 +124,7 @@ def test_pipeline_tracks_into_the_server_on_postgres(postgres, open_dir, tiny_di
             rows = dict(conn.execute("SELECT run_uuid, status FROM runs").fetchall())
             models = {r[0] for r in conn.execute("SELECT name FROM registered_models")}
         assert rows[parent.info.run_id] == "FINISHED"
-        assert {rows[r.info.run_id] for r in children} == {"FINISHED"}
+        assert {rows[r.info.run_id] for r in by_stage.values()} == {"FINISHED"}
         assert "kflift-classifier" in models
     finally:
         stop_server(proc, port)
