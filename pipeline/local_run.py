@@ -188,8 +188,9 @@ def docker_engine(cfg: Config):
     client = engine()
     missing = missing_images(client, {cfg.images.cpu, cfg.images.gpu})
     if missing:
-        raise ImageError(f"image {', '.join(missing)} is not in the Docker engine; build it with "
-                         f"`kflift images build` (same --config/--set images.* as this run)")
+        what = f"image {missing[0]} is" if len(missing) == 1 else f"images {', '.join(missing)} are"
+        raise ImageError(f"{what} not in the Docker engine; build {'it' if len(missing) == 1 else 'them'} "
+                         f"with `kflift images build` (same --config/--set images.* as this run)")
     return client
 
 

@@ -119,11 +119,12 @@ def test_whole_dag_in_containers_matches_the_subprocess_run(image, engine, tiny_
     assert summary.stat().st_uid == os.getuid()
 
 
-def test_missing_image_is_refused_before_anything_is_written(engine, tmp_path):
+def test_missing_image_is_refused_before_anything_is_written(image, tmp_path):
     proc = kflift("run", "--runner", "docker", "--output", str(tmp_path / "out"),
-                  "--set", "images.gpu=kflift-nowhere:0")
+                  "--set", f"images.cpu={IMAGE}", "--set", "images.gpu=kflift-nowhere:0")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "image kflift-nowhere:0" in proc.stderr and "kflift images build" in proc.stderr
+    assert "image kflift-nowhere:0 is not in the Docker engine" in proc.stderr
+    assert "kflift images build" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
