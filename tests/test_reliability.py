@@ -208,7 +208,7 @@ def test_mlflow_store_down_or_unwritable_is_a_clear_error_and_loses_nothing(firs
     for proc, uri in ((down, f"http://127.0.0.1:{port}"), (unwritable, "mlflow.db")):
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
-        assert lines[-1].startswith("kflift: MLflow tracking store") and uri in lines[-1], proc.stderr[-2000:]
+        assert re.match(r"kflift: MLflow tracking (server|store) ", lines[-1]) and uri in lines[-1], proc.stderr[-2000:]
     after = sorted(str(p) for p in out.rglob("*") if "mlflow.db" not in p.name)
     assert set(before) <= set(after)  # earlier runs and the cache untouched
     assert not [p for p in set(after) - set(before) if "summary.json" in p or "/cache/" in p]
