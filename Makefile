@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: run test compile ui server bench clean
 
@@ -23,8 +24,10 @@ $(VENV)/tools/.installed: k8s/tools-requirements.txt
 run: $(BIN)/.installed
 	$(BIN)/kflift run $(ARGS)
 
+# Two pytest workers (pytest-xdist): most tests wait on subprocesses, servers or the Docker engine.
+# Tests that share one pipeline run stay together (xdist_group). TEST_WORKERS=0: one process.
 test: $(BIN)/.installed $(VENV)/tools/.installed
-	$(BIN)/python -m pytest tests $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
 
 compile: $(BIN)/.installed
 	$(BIN)/kflift compile -o pipeline.yaml

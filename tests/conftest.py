@@ -83,7 +83,8 @@ FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set
 def digits_run(tmp_path_factory, tiny_digits) -> tuple[subprocess.CompletedProcess, Path]:
     """One `kflift run` of the default demo (digits) in subprocesses, shared by the tests that
     inspect such a run (test_e2e), compare another runner's records with it (test_docker) or go
-    on from its cache (test_reliability, which adds runs to its store: it runs after the others)."""
+    on from its cache (test_reliability, which adds runs to its store: under pytest-xdist it is in a
+    group of its own, so its worker makes its own run; in one process it runs after the others)."""
     out = tmp_path_factory.mktemp("digits-run") / "out"
     return kflift("run", "--output", str(out), "--data", str(tiny_digits), *FAST, timeout=1800), out
 

@@ -11,7 +11,7 @@ STAGES = {"augment", "augment-source", "build-baseline", "build-regularized", "b
           "train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
 
 
-@pytest.mark.parametrize("dataset", ["cifar", "digits"])
+@pytest.mark.parametrize("dataset", ["cifar", pytest.param("digits", marks=pytest.mark.xdist_group("digits-run"))])
 def test_whole_pipeline_runs_and_is_tracked(dataset, request, tmp_path):
     stages, candidates = set(STAGES), {"baseline", "regularized", "transfer"}
     if dataset == "cifar":  # with a two-point learning-rate sweep fanned out by dsl.ParallelFor

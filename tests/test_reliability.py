@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST, kflift
 
+# Its own pytest-xdist worker (and digits run, which these tests go on adding runs to).
+pytestmark = pytest.mark.xdist_group("reliability")
 CONFIG = FAST  # the shared digits run's settings: its output folder and cache are the first run's
 TRAIN_ONWARD = {"train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
 UPSTREAM = {"augment", "augment-source", "build-baseline", "build-regularized", "build-backbone"}
