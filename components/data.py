@@ -133,10 +133,15 @@ def save_model(model, model_dir: str | Path) -> Path:
     """Save a Keras model as `<dir>/model.keras`, atomically."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".partial-{os.getpid()}.keras"
+    return save_atomically(model, model_dir / MODEL_FILE)
+
+
+def save_atomically(model, path: Path) -> Path:
+    """Save a Keras model to a temporary name, then rename: a kill mid-save leaves no half file."""
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.keras")
     model.save(tmp)
-    os.replace(tmp, model_dir / MODEL_FILE)
-    return model_dir / MODEL_FILE
+    os.replace(tmp, path)
+    return path
 
 
 def load_model(model_dir: str | Path):
@@ -145,7 +150,9 @@ def load_model(model_dir: str | Path):
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
         raise DataError(f"no model at {path}")
-    return keras.models.load_model(path)
+    # Uncompiled: a stage that trains compiles its own optimizer (a saved one may not even load:
+    # Keras brings a nested frozen backbone back trainable).
+    return keras.models.load_model(path, compile=False)
 
 
 def read_meta(dataset_dir: str | Path) -> dict:

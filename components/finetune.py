@@ -60,9 +60,10 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
              unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
              patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True,
              head: str = "flatten", monitor: str = "val_loss", mixed_precision: str = "auto",
-             distribute: str = "auto") -> dict:
+             distribute: str = "auto", checkpoint_dir: str | None = None, resume: bool = False) -> dict:
     """`head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
-    far fewer weights on a large feature map)."""
+    far fewer weights on a large feature map). Each phase checkpoints every epoch to
+    `checkpoint_dir` (default: beside the output); `resume` continues from the newest one."""
     if head not in ("flatten", "pool"):
         raise ValueError(f"finetune: head must be 'flatten' or 'pool', not {head!r}")
     start = time.time()
@@ -78,10 +79,10 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     x = layers.Dropout(0.5, name="head_dropout")(x)
     model = keras.Model(inputs, classifier_head(x, meta["num_classes"]), name=f"transfer_{backbone}")
 
-    ckpt = Path(f"{output_dir}.checkpoints")
+    ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     frozen_before = [w.numpy().copy() for w in base.weights]
     fit_args = dict(batch_size=batch_size, optimizer=optimizer, patience=patience, seed=seed, augmented=augmented,
-                    monitor=monitor, mixed_precision=mixed_precision, distribute=distribute)
+                    monitor=monitor, mixed_precision=mixed_precision, distribute=distribute, resume=resume)
     model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, learning_rate=learning_rate,
                          phase="frozen", **fit_args)
     base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)

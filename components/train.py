@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from kflift.components import plots
-from kflift.components.data import (load_model, load_split, publish_dir, read_meta, save_model,
+from kflift.components.data import (load_model, load_split, publish_dir, read_meta, save_atomically, save_model,
                                     split_size, staging_dir, write_json)
 
 
@@ -106,10 +106,7 @@ class _AtomicCheckpoint(keras.callbacks.Callback):
         self.dir, self.phase = checkpoint_dir, phase
 
     def on_epoch_end(self, epoch, logs=None):
-        final = self.dir / f"{self.phase}-{epoch + 1:03d}.keras"
-        tmp = self.dir / f".{final.stem}.partial.keras"
-        self.model.save(tmp)
-        os.replace(tmp, final)
+        save_atomically(self.model, self.dir / f"{self.phase}-{epoch + 1:03d}.keras")
 
 
 class _EpochSeed(keras.callbacks.Callback):
@@ -152,22 +149,28 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     tag = phase or "epoch"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     log_path = checkpoint_dir / f"{tag}-history.csv"
+    final = checkpoint_dir / f"{tag}-final.keras"  # the phase's result (best weights restored): it is done
     checkpoint, done = last_checkpoint(checkpoint_dir, tag) if resume else (None, 0)
+    if resume and final.exists():
+        checkpoint, done = final, epochs
     # Same seed, per-epoch data order, deterministic ops: a resumed run matches an uninterrupted one.
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     strategy, policy = accelerators(mixed_precision, distribute)
     with strategy.scope():  # variables made here are mirrored over the strategy's devices
+        if policy != "float32" or strategy is not tf.distribute.get_strategy():
+            model = with_policy(model, policy)
+        compile_model(model, meta["num_classes"], learning_rate, optimizer)  # loss scaling under float16
         if checkpoint is not None:
             print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
-            with global_policy(policy):  # the loss-scaling optimizer's state loads back too
-                model = keras.models.load_model(checkpoint)  # weights and optimizer state
+            # Into the model as the caller made it (which layers are frozen is not in a checkpoint's
+            # weights): the optimizer built over its trainable variables takes back its saved state.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(checkpoint)
             _truncate_log(log_path, done)
         else:
             log_path.unlink(missing_ok=True)
-            if policy != "float32" or strategy is not tf.distribute.get_strategy():
-                model = with_policy(model, policy)
-            compile_model(model, meta["num_classes"], learning_rate, optimizer)  # loss scaling under float16
+            final.unlink(missing_ok=True)
     if policy != "float32" or strategy.num_replicas_in_sync > 1:
         print(f"{tag}: {policy} on {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})",
               flush=True)
@@ -187,6 +190,8 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     if done < epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=2)
+    if checkpoint != final:
+        save_atomically(model, final)
     # The CSV log holds every epoch, those before a crash included.
     with log_path.open() as f:
         rows = list(csv.DictReader(f))

@@ -64,7 +64,8 @@ def finetune_step(tracking: dict, stage: str, dataset: Input[Dataset], weights: 
     from kflift.components import cache, tracking as mlf
 
     mlf.run_stage(stage, "kflift.components.finetune:finetune", tracking, metrics,
-                  cache.Spec(inputs=[dataset, pretrained], outputs=[model]), dataset_dir=dataset.path,
+                  cache.Spec(inputs=[dataset, pretrained], outputs=[model], checkpoints=True),
+                  dataset_dir=dataset.path,
                   output_dir=model.path,
                   pretrained_dir=pretrained.path if pretrained else None, weights=weights, backbone=backbone,
                   frozen_epochs=frozen_epochs, finetune_epochs=finetune_epochs, unfreeze=unfreeze,

@@ -1,5 +1,6 @@
 """Each stage's plain function on small real data (no KFP involved)."""
 import json
+import shutil
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def test_train_checkpoints_each_epoch_and_logs_curves(cifar_dataset, tmp_path):
     result = train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "trained"), epochs=3)
     assert result["metrics"]["epochs_run"] == 3 and len(result["history"]) == 3
     assert sorted(p.name for p in (tmp_path / "trained.checkpoints").glob("*.keras")) == [
-        "epoch-001.keras", "epoch-002.keras", "epoch-003.keras"]
+        "epoch-001.keras", "epoch-002.keras", "epoch-003.keras", "epoch-final.keras"]
     assert (tmp_path / "trained" / "learning_curve.png").stat().st_size > 1000
     before = load_model(tmp_path / "untrained").get_layer("conv1").get_weights()[0]
     after = load_model(tmp_path / "trained").get_layer("conv1").get_weights()[0]
@@ -76,6 +77,26 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
     assert np.allclose(pretrained.get_layer("conv1").get_weights()[0], backbone.get_layer("conv1").get_weights()[0])
     assert not np.allclose(pretrained.get_layer("conv2").get_weights()[0],
                            backbone.get_layer("conv2").get_weights()[0])
+
+    # resumable like train: each phase's checkpoints, as a run killed after frozen epoch 1 or after
+    # fine-tune epoch 1 left them, continue to the uninterrupted run's model and history exactly
+    # (the resumed frozen phase keeps the backbone frozen, with the optimizer state it had)
+    checkpoints = tmp_path / "transfer.checkpoints"
+    for phase, epoch in (("frozen", 1), ("finetune", 1)):
+        killed = tmp_path / f"killed-in-{phase}.checkpoints"
+        shutil.copytree(checkpoints, killed)
+        later = [f"{phase}-final.keras", f"{phase}-{epoch + 1:03d}.keras"]
+        later += [p.name for p in killed.glob("finetune-*.keras")] if phase == "frozen" else []
+        for name in later:
+            (killed / name).unlink(missing_ok=True)
+        resumed = finetune.finetune(str(cifar_dataset), str(tmp_path / f"resumed-{phase}"),
+                                    str(tmp_path / "pretrained"), frozen_epochs=2, finetune_epochs=2, unfreeze=1,
+                                    patience=0, checkpoint_dir=str(killed), resume=True)
+        assert resumed["history"] == result["history"]
+        assert resumed["metrics"]["frozen_weights_changed_in_phase1"] == 0
+        model = load_model(tmp_path / f"resumed-{phase}")
+        for a, b in zip(model.get_weights(), tuned.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
     pooled = finetune.finetune(str(cifar_dataset), str(tmp_path / "pooled"), str(tmp_path / "pretrained"),
                                frozen_epochs=1, finetune_epochs=0, patience=0, head="pool", head_units=32)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -49,6 +50,19 @@ def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(c
     assert {layer.compute_dtype for layer in trained.layers if layer.weights} == {"float32"}
     untrained = load_model(tmp_path / "u")
     assert not np.allclose(trained.get_layer("conv1").get_weights()[0], untrained.get_layer("conv1").get_weights()[0])
+    # killed after epoch 1: the resumed run loads the loss-scaling optimizer's state and ends where
+    # the uninterrupted one did
+    ckpt = tmp_path / "m.checkpoints"
+    for name in ("epoch-002.keras", "epoch-final.keras"):
+        (ckpt / name).unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m2"), epochs=2,
+                              mixed_precision="on", distribute="mirrored", checkpoint_dir=str(ckpt), resume=True)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    assert resumed["history"] == result["history"]
+    for a, b in zip(load_model(tmp_path / "m2").get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
     strategy, policy = train.accelerators()  # auto, on this machine
     import tensorflow as tf
     if not tf.config.list_physical_devices("GPU"):
@@ -92,7 +106,7 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(cifar_dataset, t
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = sorted(p.name for p in ckpt.glob("epoch-*.keras"))
+    done = sorted(p.name for p in ckpt.glob("epoch-[0-9]*.keras"))
     assert 2 <= len(done) < 6 and not (tmp_path / "m").exists()  # no output published by the killed run
 
     resumed = subprocess.run([sys.executable, "-c", code, "--resume"], capture_output=True, text=True, timeout=600)
@@ -100,7 +114,8 @@ def test_resume_after_kill_9_continues_from_the_last_checkpoint(cifar_dataset, t
     assert f"resuming epoch from {ckpt / done[-1]} (epoch {len(done)} of 6)" in resumed.stdout
     history = load_history(tmp_path / "m")
     assert len(history) == 6  # the killed run's epochs and the resumed ones, once each
-    assert sorted(p.name for p in ckpt.glob("epoch-*.keras"))[-1] == "epoch-006.keras"
+    assert sorted(p.name for p in ckpt.glob("epoch-[0-9]*.keras"))[-1] == "epoch-006.keras"
+    assert (ckpt / "epoch-final.keras").exists()  # the finished result: a later resume trains nothing
 
 
 def load_history(model_dir):
