@@ -25,15 +25,21 @@ def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: i
     return p, np.concatenate(labels)
 
 
+SCORERS = {"accuracy": skm.accuracy_score, "precision": skm.precision_score, "recall": skm.recall_score,
+           "f1": skm.f1_score}
+
+
+def score(metric: str, labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """One metric of predicted classes: binary for two classes, macro-averaged for more."""
+    if metric == "accuracy":
+        return float(skm.accuracy_score(labels, pred))
+    average = "binary" if num_classes == 2 else "macro"
+    return float(SCORERS[metric](labels, pred, average=average, zero_division=0))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     pred = probs.argmax(axis=1)
-    average = "binary" if probs.shape[1] == 2 else "macro"
-    out = {
-        "accuracy": skm.accuracy_score(labels, pred),
-        "precision": skm.precision_score(labels, pred, average=average, zero_division=0),
-        "recall": skm.recall_score(labels, pred, average=average, zero_division=0),
-        "f1": skm.f1_score(labels, pred, average=average, zero_division=0),
-    }
+    out = {metric: score(metric, labels, pred, probs.shape[1]) for metric in SCORERS}
     if probs.shape[1] == 2 and len(set(labels)) == 2:
         out["roc_auc"] = skm.roc_auc_score(labels, probs[:, 1])
     return {k: float(v) for k, v in out.items()}
@@ -46,10 +52,10 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
     work = staging_dir(output_dir)
-    scores, matrices, per_class, binary_probs = {}, {}, {}, {}
+    scores, matrices, per_class, binary_probs, preds = {}, {}, {}, {}, {}
     for name, model_dir in candidates.items():
         probs, y = predict(model_dir, dataset_dir)
-        pred = probs.argmax(axis=1)
+        pred = preds[name] = probs.argmax(axis=1)
         scores[name] = classification_metrics(probs, y)
         by_class = skm.classification_report(y, pred, labels=range(len(labels)), output_dict=True, zero_division=0)
         per_class[name] = {labels[int(k)]: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
@@ -77,10 +83,12 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     if binary_probs:
         plots.roc_curves(binary_probs, work / "roc.png", positive=labels[1])
     plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
-    table = comparison_table(scores, gate, metric, baseline, winner)
+    intervals = {name: lift_interval(metric, y, preds[name], preds[baseline], len(labels))
+                 for name in scores if baseline in scores and name != baseline}
+    table = comparison_table(scores, gate, metric, baseline, winner, intervals)
     (work / "comparison.md").write_text(table)
     report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric,
-              "labels": labels,
+              "labels": labels, "lift_interval_95": intervals,
               "confusion_matrices": {n: m.tolist() for n, m in matrices.items()},
               "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1)))}
     write_json(work / "report.json", report)
@@ -98,15 +106,27 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     }
 
 
-def comparison_table(scores: dict, gate: dict, metric: str, baseline: str, winner: str | None) -> str:
+def lift_interval(metric: str, labels: np.ndarray, pred: np.ndarray, base_pred: np.ndarray, num_classes: int,
+                  resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% paired bootstrap interval of metric(candidate) - metric(baseline) over resamples of the
+    test images: a lift whose interval holds 0 is within what this test split can tell apart."""
+    rng = np.random.default_rng(seed)
+    diffs = [score(metric, labels[i], pred[i], num_classes) - score(metric, labels[i], base_pred[i], num_classes)
+             for i in rng.integers(0, len(labels), (resamples, len(labels)))]
+    return [float(v) for v in np.percentile(diffs, [2.5, 97.5])]
+
+
+def comparison_table(scores: dict, gate: dict, metric: str, baseline: str, winner: str | None,
+                     intervals: dict) -> str:
     keys = sorted({k for s in scores.values() for k in s}, key=["accuracy", "precision", "recall", "f1",
                                                                   "roc_auc"].index)
     base = scores.get(baseline, {}).get(metric)
-    lines = [f"| candidate | {' | '.join(keys)} | lift vs {baseline} ({metric}) | gate |",
-             "|---" * (len(keys) + 3) + "|"]
+    lines = [f"| candidate | {' | '.join(keys)} | lift vs {baseline} ({metric}) | 95% interval | gate |",
+             "|---" * (len(keys) + 4) + "|"]
     for name, s in scores.items():
         lift = "" if base is None or name == baseline else f"{s[metric] - base:+.3f}"
+        interval = "[{:+.3f}, {:+.3f}]".format(*intervals[name]) if name in intervals else ""
         mark = "**winner**" if name == winner else ("passed" if gate[name]["passed"] else
                                                     "failed: " + "; ".join(gate[name]["reasons"]))
-        lines.append(f"| {name} | {' | '.join(f'{s[k]:.3f}' for k in keys)} | {lift} | {mark} |")
+        lines.append(f"| {name} | {' | '.join(f'{s[k]:.3f}' for k in keys)} | {lift} | {interval} | {mark} |")
     return "\n".join(lines) + "\n"

@@ -103,10 +103,13 @@ class TransferConfig(_Section):
     )
     backbone: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
     pretrain_epochs: int = Field(6, ge=1)
-    frozen_epochs: int = Field(4, ge=1)
-    finetune_epochs: int = Field(4, ge=0)
-    unfreeze_top: int = Field(2, ge=0, description="layers of the backbone unfrozen in phase 2")
-    finetune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    pretrain_depth: int = Field(
+        3, ge=1, le=6, description="conv blocks of the CNN backbone this run pretrains: the source data "
+        "trains one deeper than the baseline (the rest of model.* applies too)")
+    frozen_epochs: int = Field(2, ge=1, description="phase 1: the new head on the frozen backbone")
+    finetune_epochs: int = Field(8, ge=0, description="phase 2: the top layers unfrozen")
+    unfreeze_top: int = Field(3, ge=0, description="layers of the backbone unfrozen in phase 2")
+    finetune_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="phase 2 learning rate / train.learning_rate")
     head: Literal["flatten", "pool"] = Field(
         "flatten", description="new head on the backbone: the seed's Flatten-Dense-Dropout, or global pooling")
     head_units: int = Field(512, ge=1, le=8192, description="units of the head's Dense layer")

@@ -72,7 +72,8 @@ def make_pipeline(cfg: Config):
                                  include_classes=[] if tx.source_dir else tx.source_classes,
                                  exclude_classes=[], **augment_args).after(target)
             backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs, l2=reg.l2,
-                                       variant={**cfg.model.model_dump(), "architecture": tx.backbone})
+                                       variant={**cfg.model.model_dump(), "architecture": tx.backbone,
+                                                "depth": tx.pretrain_depth})
             pretrained = {"pretrained": backbone.outputs["model"]}
         def finetune(name, augmented):
             return on_gpu(ops.finetune(

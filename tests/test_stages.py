@@ -127,11 +127,30 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     assert sum(c["support"] for c in per_class.values()) == report["test_images"]
     assert (tmp_path / "eval" / "champion" / "model.keras").exists()
     assert "| baseline |" in (tmp_path / "eval" / "comparison.md").read_text()
+    # the lift's paired bootstrap interval holds the measured lift; a model against itself lifts nothing
+    low, high = report["lift_interval_95"]["better"]
+    lift = report["candidates"]["better"]["accuracy"] - report["candidates"]["baseline"]["accuracy"]
+    assert low <= lift <= high
+    assert "baseline" not in report["lift_interval_95"]
+    same = evaluate.evaluate(str(cifar_dataset), {"baseline": candidates["baseline"], "copy": candidates["baseline"]},
+                             str(tmp_path / "same"), export=False)
+    assert same["report"]["lift_interval_95"]["copy"] == [0.0, 0.0]
 
     gated = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "gated"), min_metric=1.0)
     if max(s["accuracy"] for s in report["candidates"].values()) < 1.0:
         assert gated["report"]["winner"] is None
         assert all(not g["passed"] for g in gated["report"]["gate"].values())
+
+
+def test_lift_interval_separates_a_real_lift_from_noise():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    flip = lambda rate: np.where(rng.random(400) < rate, 1 - labels, labels)  # noqa: E731
+    strong, weak, weak_too = flip(0.1), flip(0.3), flip(0.3)
+    low, high = evaluate.lift_interval("accuracy", labels, strong, weak, 2)
+    assert 0 < low < 0.2 < high < 0.3  # +0.2 lift, clearly above zero
+    low, high = evaluate.lift_interval("f1", labels, weak_too, weak, 2)
+    assert low < 0 < high  # two equally good models: no lift either way
 
 
 def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_path):
