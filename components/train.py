@@ -182,9 +182,10 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     monitor = monitor if has_val else monitor.removeprefix("val_")
     callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
     callbacks.append(_EpochSeed(seed))
-    if patience > 0:  # mode (min for a loss, max for an accuracy) follows the monitor's name
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
-                                                       restore_best_weights=True))
+    if patience > 0:
+        callbacks.append(_ResumableEarlyStopping(_read_log(log_path) if done else [], checkpoint_dir, tag,
+                                                 monitor=monitor, mode="max" if "acc" in monitor else "min",
+                                                 patience=patience, restore_best_weights=True))
     # Last, so they see every metric the others added (the learning rate among them).
     callbacks += [keras.callbacks.CSVLogger(str(log_path), append=True), _AtomicCheckpoint(checkpoint_dir, tag)]
     if done < epochs:
@@ -193,12 +194,38 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     if checkpoint != final:
         save_atomically(model, final)
     # The CSV log holds every epoch, those before a crash included.
-    with log_path.open() as f:
-        rows = list(csv.DictReader(f))
     prefix = f"{phase}_" if phase else ""
     if model.dtype_policy.name != "float32":  # later stages (evaluate, serving) run on CPUs
         model = with_policy(model, "float32")
-    return model, [{prefix + k: float(v) for k, v in row.items() if k != "epoch"} for row in rows]
+    return model, [{prefix + k: v for k, v in row.items()} for row in _read_log(log_path)]
+
+
+def _read_log(log_path: Path) -> list[dict]:
+    """The per-epoch metrics the CSV logger wrote, as numbers."""
+    with log_path.open() as f:
+        return [{k: float(v) for k, v in row.items() if k != "epoch"} for row in csv.DictReader(f)]
+
+
+class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Early stopping that goes on where a killed run left off: the logged epochs replay through its
+    rule (best value, epochs waited) and the best epoch's checkpoint gives back its weights, so a
+    resumed run stops, and restores, where an uninterrupted one would."""
+
+    def __init__(self, logged: list[dict], checkpoint_dir: Path, phase: str, **kwargs):
+        super().__init__(**kwargs)
+        self.logged, self.checkpoint_dir, self.phase = logged, checkpoint_dir, phase
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if not self.logged:
+            return
+        self._set_monitor_op()
+        for epoch, row in enumerate(self.logged):
+            self.wait += 1
+            if self._is_improvement(row[self.monitor], self.best):
+                self.best, self.best_epoch, self.wait = row[self.monitor], epoch, 0
+        best = self.checkpoint_dir / f"{self.phase}-{self.best_epoch + 1:03d}.keras"
+        self.best_weights = keras.models.load_model(best, compile=False).get_weights()
 
 
 def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, batch_size: int = 64,

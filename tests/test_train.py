@@ -1,5 +1,6 @@
 """Training levers observable on small data: early stopping, schedules, L1, resume after kill -9."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,19 @@ def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_d
     assert 3 <= len(history) < 30
     assert result["params"]["early_stopping_monitor"] == "val_accuracy"
     assert result["metrics"]["best_val_accuracy"] == max(e["val_accuracy"] for e in history)
+
+    # killed one epoch before it stopped: the resumed run's early stopping remembers the best epoch and
+    # how long it has waited, so it stops at the same epoch and restores the same weights
+    killed = tmp_path / "killed.checkpoints"
+    shutil.copytree(tmp_path / "m.checkpoints", killed)
+    (killed / "epoch-final.keras").unlink()
+    (killed / f"epoch-{len(history):03d}.keras").unlink()
+    resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m2"), epochs=30,
+                          learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed),
+                          resume=True)
+    assert resumed["history"] == history
+    for a, b in zip(load_model(tmp_path / "m2").get_weights(), load_model(tmp_path / "m").get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(cifar_dataset, tmp_path):
