@@ -151,16 +151,19 @@ class StageRun:
             elif path.exists():
                 self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
-    def register(self, name: str, artifact_path: str, candidate: str, alias: str = "champion") -> str:
-        """Register a logged artifact folder as a new model version and point `alias` at it."""
+    def register(self, name: str, artifact_path: str, candidate: str, alias: str = "champion",
+                 source_run: str | None = None) -> str:
+        """Register a logged artifact folder (of this run, or of `source_run` that logged it) as a
+        new model version and point `alias` at it."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:  # not registered yet
             self.client.create_registered_model(name)
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source, run_id=self.run_id,
+        source_run = source_run or self.run_id
+        source = f"{self.client.get_run(source_run).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=source_run,
                                                    tags={"kflift.candidate": candidate})
         self.client.set_registered_model_alias(name, alias, version.version)
         return version.version
@@ -235,6 +238,8 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
             result = hit["result"]
             run.client.set_tag(run.run_id, CACHED_FROM_TAG, hit["producer"])
             run.log({k: result.get(k, {}) for k in ("params", "metrics", "history")})
+            if result.get("register"):  # the winner is champion again, as after an uncached run
+                run.register(**result["register"], source_run=hit["producer"])
         else:
             if store.on:
                 print(f"{stage}: running (fingerprint {store.key[:12]})", flush=True)

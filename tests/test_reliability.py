@@ -87,6 +87,8 @@ def test_rerun_unchanged_takes_every_stage_from_the_cache(first):
     out = first["out"]
     assert first["summary"]["cached"] == []
     entries = sorted(p.name for p in (out / "cache").iterdir() if p.is_dir())
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    registered = len(client.search_model_versions("name='kflift-classifier'"))
     proc = kflift("run", "--data", str(first["data"]), "--output", str(out), *CONFIG)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = summary_of(out, run_id_of(proc.stdout))
@@ -103,6 +105,10 @@ def test_rerun_unchanged_takes_every_stage_from_the_cache(first):
         if stage.startswith("train"):  # the stored metrics, logged again on the new stage run
             assert run.data.metrics["epochs_run"] == 2
     assert sorted(p.name for p in (out / "cache").iterdir() if p.is_dir()) == entries  # nothing new stored
+    if summary["winner"]:  # the cached evaluate registers its winner again, from the producer's artifacts
+        champion = client.get_model_version_by_alias("kflift-classifier", "champion")
+        assert int(champion.version) == registered + 1 and champion.run_id == producers["evaluate"]
+        assert champion.tags["kflift.candidate"] == summary["winner"]
     assert (out / "runs" / summary["run_id"] / "serving" / "saved_model.pb").exists()
     # a resume of an unknown run, or with settings of its own, is refused in one clear line
     bad = kflift("run", "--output", str(out), "--resume", "no-such-run")
