@@ -182,15 +182,19 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     monitor = monitor if has_val else monitor.removeprefix("val_")
     callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
     callbacks.append(_EpochSeed(seed))
-    if patience > 0:
-        callbacks.append(_ResumableEarlyStopping(_read_log(log_path) if done else [], checkpoint_dir, tag,
-                                                 monitor=monitor, mode="max" if "acc" in monitor else "min",
-                                                 patience=patience, restore_best_weights=True))
+    stopping = _ResumableEarlyStopping(_read_log(log_path) if done else [], checkpoint_dir, tag, monitor=monitor,
+                                       mode="max" if "acc" in monitor else "min", patience=patience,
+                                       restore_best_weights=True) if patience > 0 else None
     # Last, so they see every metric the others added (the learning rate among them).
-    callbacks += [keras.callbacks.CSVLogger(str(log_path), append=True), _AtomicCheckpoint(checkpoint_dir, tag)]
-    if done < epochs:
+    callbacks += [c for c in (stopping, keras.callbacks.CSVLogger(str(log_path), append=True),
+                              _AtomicCheckpoint(checkpoint_dir, tag)) if c]
+    if done < epochs and not (stopping and stopping.stopped):
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=2)
+    elif stopping and checkpoint != final:  # trained out, killed before its result was saved
+        stopping.set_model(model)
+        stopping.on_train_begin()
+        stopping.on_train_end()  # the best epoch's weights
     if checkpoint != final:
         save_atomically(model, final)
     # The CSV log holds every epoch, those before a crash included.
@@ -214,18 +218,24 @@ class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def __init__(self, logged: list[dict], checkpoint_dir: Path, phase: str, **kwargs):
         super().__init__(**kwargs)
         self.logged, self.checkpoint_dir, self.phase = logged, checkpoint_dir, phase
+        self._set_monitor_op()  # from the explicit mode: no model needed
+        self.replayed = (None, 0, 0)  # best, best epoch, epochs waited since
+        for epoch, row in enumerate(logged):
+            best, best_epoch, wait = self.replayed
+            improved = self._is_improvement(row[self.monitor], best)
+            self.replayed = (row[self.monitor], epoch, 0) if improved else (best, best_epoch, wait + 1)
+
+    @property
+    def stopped(self) -> bool:
+        """The logged epochs had already stopped the run (it was killed before saving its result)."""
+        return len(self.logged) > 1 and self.replayed[2] >= self.patience
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if not self.logged:
-            return
-        self._set_monitor_op()
-        for epoch, row in enumerate(self.logged):
-            self.wait += 1
-            if self._is_improvement(row[self.monitor], self.best):
-                self.best, self.best_epoch, self.wait = row[self.monitor], epoch, 0
-        best = self.checkpoint_dir / f"{self.phase}-{self.best_epoch + 1:03d}.keras"
-        self.best_weights = keras.models.load_model(best, compile=False).get_weights()
+        if self.logged:
+            self.best, self.best_epoch, self.wait = self.replayed
+            best = self.checkpoint_dir / f"{self.phase}-{self.best_epoch + 1:03d}.keras"
+            self.best_weights = keras.models.load_model(best, compile=False).get_weights()
 
 
 def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, batch_size: int = 64,

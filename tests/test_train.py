@@ -43,6 +43,14 @@ def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_d
     assert resumed["history"] == history
     for a, b in zip(load_model(tmp_path / "m2").get_weights(), load_model(tmp_path / "m").get_weights()):
         np.testing.assert_array_equal(a, b)
+    # killed after it stopped but before it saved its result: nothing more is trained, the best restored
+    (killed / "epoch-final.keras").unlink()
+    again = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m3"), epochs=30,
+                        learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed),
+                        resume=True)
+    assert again["history"] == history
+    for a, b in zip(load_model(tmp_path / "m3").get_weights(), load_model(tmp_path / "m").get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(cifar_dataset, tmp_path):
