@@ -71,15 +71,22 @@ elif docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   say "base image $BASE_IMAGE present"
 else
   need_root "debootstrap" "debootstrap --variant=minbase bookworm DIR"
-  mirror="${DEBIAN_MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-                             | grep -v security | head -n 1 || true)}"
-  mirror="${mirror:-http://deb.debian.org/debian}"
+  # apt's own mirror (comments skipped: they may name an old snapshot), else Debian's CDN
+  mirror="${DEBIAN_MIRROR:-$(grep -rhE '^[^#]*https?://' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+                             | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -n 1 || true)}"
+  cdn=http://deb.debian.org/debian
+  mirror="${mirror:-$cdn}"
   rootfs="$(mktemp -d /var/tmp/kflift-rootfs.XXXXXX)"
   trap 'rm -rf "$rootfs"' EXIT
-  say "building $BASE_IMAGE: debootstrap bookworm from $mirror (about a minute or three)"
   t0=$SECONDS
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" "$mirror" \
-    >"$rootfs.log" 2>&1 || die "debootstrap failed; its log: $rootfs.log ($(tail -n 1 "$rootfs.log"))"
+  for try in "$mirror" "$cdn"; do
+    say "building $BASE_IMAGE: debootstrap bookworm from $try (about a minute or three)"
+    rm -rf "$rootfs" && mkdir "$rootfs"
+    if debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" "$try" \
+         >"$rootfs.log" 2>&1; then break; fi
+    [ "$try" != "$cdn" ] || die "debootstrap failed; its log: $rootfs.log ($(tail -n 1 "$rootfs.log"))"
+    say "debootstrap from $try failed ($(tail -n 1 "$rootfs.log")); trying $cdn"
+  done
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/bash"]' \
     --change 'LABEL org.opencontainers.image.description="Debian bookworm minbase + Python 3.11 (debootstrap)"' \
