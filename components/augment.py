@@ -302,7 +302,11 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
             lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(work / "transform_fn"))
         for s in SPLITS:
-            batches = (getattr(splits, s) | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train")
+            # The fusion break sits on the small records: Transform waits for the transform_fn
+            # side input, and the local runner holds what it waits on in memory, so the image
+            # bytes (and their augmented copies) are read only once the graph is there.
+            batches = (getattr(splits, s) | f"Wait-{s}" >> beam.Reshuffle()
+                       | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train")
                        | f"Batches-{s}" >> raw_format.BeamSource())
             transformed, _ = (((batches, adapter), transform_fn)
                               | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
