@@ -37,21 +37,22 @@ def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_d
     shutil.copytree(tmp_path / "m.checkpoints", killed)
     (killed / "epoch-final.keras").unlink()
     (killed / f"epoch-{len(history):03d}.keras").unlink()
-    resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m2"), epochs=30,
-                          learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed),
-                          resume=True)
-    assert resumed["history"] == history
-    for a, b in zip(load_model(tmp_path / "m2").get_weights(), load_model(tmp_path / "m").get_weights()):
-        np.testing.assert_array_equal(a, b)
+    def resumed_ends_as_uninterrupted(name):
+        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / name), epochs=30,
+                              learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed),
+                              resume=True)
+        assert resumed["history"] == history
+        assert_same_weights(tmp_path / name, tmp_path / "m")
+
+    resumed_ends_as_uninterrupted("m2")
     # killed after it stopped but before it saved its result: nothing more is trained, the best restored
     (killed / "epoch-final.keras").unlink()
-    again = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m3"), epochs=30,
-                        learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed),
-                        resume=True)
-    assert again["history"] == history
-    for a, b in zip(load_model(tmp_path / "m3").get_weights(), load_model(tmp_path / "m").get_weights()):
-        np.testing.assert_array_equal(a, b)
+    resumed_ends_as_uninterrupted("m3")
 
+
+def assert_same_weights(model_dir, other_dir):
+    for a, b in zip(load_model(model_dir).get_weights(), load_model(other_dir).get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(cifar_dataset, tmp_path):
     """The GPU levers' code path, forced on the CPU: float16 compute with loss scaling, the output
@@ -83,8 +84,7 @@ def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(c
                               mixed_precision="on", distribute="mirrored", checkpoint_dir=str(ckpt), resume=True)
     assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
     assert resumed["history"] == result["history"]
-    for a, b in zip(load_model(tmp_path / "m2").get_weights(), trained.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(tmp_path / "m2", tmp_path / "m")
     strategy, policy = train.accelerators()  # auto, on this machine
     import tensorflow as tf
     if not tf.config.list_physical_devices("GPU"):
