@@ -31,10 +31,9 @@ SCORERS = {"accuracy": skm.accuracy_score, "precision": skm.precision_score, "re
 
 def score(metric: str, labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
     """One metric of predicted classes: binary for two classes, macro-averaged for more."""
-    if metric == "accuracy":
-        return float(skm.accuracy_score(labels, pred))
-    average = "binary" if num_classes == 2 else "macro"
-    return float(SCORERS[metric](labels, pred, average=average, zero_division=0))
+    options = {} if metric == "accuracy" else {"average": "binary" if num_classes == 2 else "macro",
+                                               "zero_division": 0}
+    return float(SCORERS[metric](labels, pred, **options))
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
