@@ -211,12 +211,20 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
+def coordinates(tracking_uri: str, experiment: str, parent_run_id: str, run_id: str, job_id: str, cache_dir: str,
+                cache_mode: str) -> dict:
+    """The `tracking` dict of run_stage from a component's top-level string parameters."""
+    return {"uri": tracking_uri, "experiment": experiment, "parent_run_id": parent_run_id, "run_id": run_id,
+            "job_id": job_id, "cache_dir": cache_dir, "cache_mode": cache_mode}
+
+
 def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **kwargs) -> dict:
     """Run a stage function inside its nested MLflow run and log what it returns.
 
     `fn` is the function or its "module:name" (imported only when the stage really runs).
-    `tracking` holds uri, parent_run_id, experiment and run_id, and cache_dir + cache_mode for the
-    local step cache; `cached` (a cache.Spec) names the stage's artifacts for it. On a cache hit the
+    `tracking` (see `coordinates`) holds uri, experiment, parent_run_id, run_id and job_id (the KFP
+    run on a cluster, whose MLflow parent run is found or made by it), and cache_dir + cache_mode for
+    the local step cache; `cached` (a cache.Spec) names the stage's artifacts for it. On a cache hit the
     nested run gets the stored params and metrics and a tag naming the producing run.
     `kfp_metrics` is any object with `log_metric` (a KFP Metrics artifact) that receives the
     scalar metrics too.

@@ -71,13 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                         description="Compile with the config and create a run with kfp.Client; prints its URL.")
     sm.add_argument("--host", required=True, metavar="URL", help="KFP API endpoint, e.g. http://localhost:8080")
     sm.add_argument("--data-dir", required=True, metavar="PATH",
-                    help="the image folder as the cluster's pods see it (PVC mount or object store path)")
+                    help="the image folder as the pods see it: under cluster.data_mount (default /data), "
+                         "where the claim cluster.data_pvc is mounted")
     sm.add_argument("--source-dir", default="", metavar="PATH", help="transfer source folder (default: --data-dir)")
     sm.add_argument("--experiment", default="kflift", help="KFP experiment name (default kflift)")
     sm.add_argument("--namespace", help="Kubernetes namespace (multi-user deployments)")
     sm.add_argument("--token", help="bearer token for the KFP API")
     sm.add_argument("--tracking-uri", default="", metavar="URI",
-                    help="MLflow tracking URI reachable from the pods, e.g. http://kflift-mlflow.kflift:5000")
+                    help="MLflow server reachable from the pods (http/https; default: config "
+                         "cluster.tracking_uri, the in-cluster http://kflift-mlflow.kflift:5000)")
     _config_args(sm)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the run store (loopback)",
@@ -106,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                             description="The stage images, named by config images.cpu / images.gpu.")
     isub = images.add_subparsers(dest="images_command", required=True)
     ib = isub.add_parser("build", help="build the images (and push them)", description=(
-        "Build containers/Dockerfile with the Docker engine (DOCKER_HOST or the local socket) and tag the "
-        "images as config images.cpu / images.gpu name them, so compile and run --runner docker use them. "
-        "An image whose sources, wheels and build arguments are unchanged is kept."))
+        "Build containers/Dockerfile with the Docker engine (DOCKER_HOST or the local socket) and tag each "
+        "image twice: as config images.cpu / images.gpu name it (default kflift-cpu:0.1.0) and by its content "
+        "hash (kflift-cpu:<hash>). compile, submit and run --runner docker use the last build's content tags "
+        "unless config names the images. An image whose sources, wheels and build arguments are unchanged is kept."))
     ib.add_argument("--flavor", choices=["cpu", "gpu", "all"], default="all",
                     help="cpu: augment/build/evaluate; gpu: train/finetune (default: all)")
     ib.add_argument("--tag", metavar="T", help="replace the tag part of the configured names, e.g. --tag dev "
@@ -123,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                     "kflift runs from, else the current folder)")
     ib.add_argument("--force", action="store_true", help="rebuild even when the image is up to date")
     _config_args(ib)
+    it = isub.add_parser("tags", help="print the last build's content-tagged images, one per line",
+                         description="The images `kflift images build` made last (under --set output=DIR), "
+                                     "by content tag: what to load into a kind cluster or push.")
+    _config_args(it)
     iw = isub.add_parser("wheelhouse", help="download/build wheels for an offline image build",
                          description="pip wheel kflift and every pinned dependency into DIR.")
     iw.add_argument("dir", metavar="DIR", help="where the wheels go (reused wheels stay)")
@@ -275,18 +282,22 @@ def _images(args) -> int:
             images.make_wheelhouse(args.dir, args.context, args.force)
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.images_command == "tags":
+            print("\n".join(images.last_build(cfg).values()))
+            return 0
         flavors = ["cpu", "gpu"] if args.flavor == "all" else [args.flavor]
         built = images.build(cfg, flavors, tag=args.tag, base_image=args.base_image, wheelhouse=args.wheelhouse,
                              push=args.push, context=args.context, force=args.force)
     except images.ImageError as exc:
         print(f"kflift: {exc}", file=sys.stderr)
         return 1
-    for flavor, name in built.items():
-        print(f"{flavor}: {name}")
-    configured = {f: getattr(cfg.images, f) for f in built}
-    if built != configured:  # compile and run read the names from config
-        sets = " ".join(f"--set images.{f}={n}" for f, n in built.items())
-        print(f"use them with: kflift compile|run|submit {sets}")
+    for flavor, names in built.items():
+        print(f"{flavor}: {names['name']}\n{flavor}: {names['content']}  (by content)")
+    if any(getattr(cfg.images, f) for f in built):
+        print("config images.* names the images: compile, run and submit use those names")
+    else:
+        sets = " ".join(f"--set images.{f}={n['name']}" for f, n in built.items())
+        print(f"compile, run and submit now use the content tags; to pin the names instead: {sets}")
     return 0
 
 

@@ -134,17 +134,42 @@ class EvaluateConfig(_Section):
 
 
 class ImagesConfig(_Section):
-    cpu: str = "kflift-cpu:0.1.0"
-    gpu: str = "kflift-gpu:0.1.0"
+    cpu: str | None = Field(None, description="augment, build, evaluate (and train/finetune without a GPU); "
+                            "default: the last `kflift images build` (its content-hash tag), else kflift-cpu:0.1.0")
+    gpu: str | None = Field(None, description="train, finetune on a GPU node; default as for cpu")
+    pull_secrets: list[str] = Field(default_factory=list, description="image pull secrets of a private registry")
+
+
+class TaskResources(_Section):
+    """Kubernetes requests and limits of one kind of task (KFP quantity strings: "500m", "2", "4G")."""
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
 
 
 class ResourcesConfig(_Section):
+    """What each task asks of a cluster; kfp.local ignores all of it."""
+    augment: TaskResources = TaskResources(cpu_request="1", cpu_limit="2", memory_request="2G", memory_limit="4G")
+    build: TaskResources = TaskResources(cpu_request="250m", cpu_limit="1", memory_request="1G", memory_limit="2G")
+    train: TaskResources = TaskResources(cpu_request="2", cpu_limit="4", memory_request="4G", memory_limit="16G")
+    evaluate: TaskResources = TaskResources(cpu_request="1", cpu_limit="2", memory_request="2G",
+                                            memory_limit="4G")
     gpu_accelerator: str = "nvidia.com/gpu"
-    gpu_limit: int = Field(1, ge=0)
+    gpu_limit: int = Field(1, ge=0, description="GPUs per train/finetune task; 0 = CPU-only cluster (no GPU "
+                           "request, node selector or toleration; train/finetune run on images.cpu)")
     gpu_node_label: str = "nvidia.com/gpu.present"
     gpu_node_value: str = "true"
-    train_cpu: str = "4"
-    train_memory: str = "16G"
+    retries: int = Field(2, ge=0, le=10, description="KFP retries of a failed train/finetune task (e.g. evicted)")
+
+
+class ClusterConfig(_Section):
+    """Where a cluster run finds its data and its tracking server."""
+    data_pvc: str = Field("", description="PersistentVolumeClaim with the image folders, mounted read-only "
+                          "into the augment tasks (kind/minikube: kflift-data)")
+    data_mount: str = Field("/data", pattern=r"^/", description="where the claim is mounted in the pods")
+    tracking_uri: str = Field("http://kflift-mlflow.kflift:5000", pattern=r"^https?://",
+                              description="MLflow server the pods track into (default: the in-cluster one)")
 
 
 class Config(_Section):
@@ -162,6 +187,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:

@@ -1,8 +1,9 @@
 """Stage images: build them with a Docker engine (docker SDK), push them, make an offline wheelhouse.
 
-The tags come from config (`images.cpu`, `images.gpu`), so `kflift compile` and `kflift run --runner
-docker` use exactly what `kflift images build` made. `--tag T` replaces the tag part of both names
-(kflift-cpu:T); for another repository or registry set the whole name in config instead.
+Each image is tagged twice: with its name (config `images.cpu`/`images.gpu`, default kflift-cpu:0.1.0;
+`--tag T` replaces the tag part) and with its content hash (kflift-cpu:<hash>). The hash names of the
+last build are recorded in OUTPUT/images.json, and compile, submit and `run --runner docker` use them
+unless config names the images: a node with `IfNotPresent` can never run stale code under an old tag.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ GPU_BASE_IMAGE = "tensorflow/tensorflow:2.21.0-gpu"  # the CPU default is the Do
 HASH_LABEL = "io.kflift.build-hash"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the classic builder colours a step's stderr
 BUILD_TIMEOUT = 3600  # seconds the engine may stay silent (a long pip install step)
+FLAVORS = ("cpu", "gpu")
+DEFAULT_NAMES = {flavor: f"kflift-{flavor}:0.1.0" for flavor in FLAVORS}
+LAST_BUILD = "images.json"  # under the output folder: flavour -> content-hash name of the last build
 
 
 class ImageError(RuntimeError):
@@ -55,14 +59,40 @@ def repo_root() -> Path:
 
 
 def image_names(cfg: Config, flavors: list[str], tag: str | None = None) -> dict[str, str]:
-    """flavour -> image name, from config, with `tag` replacing the tag part."""
-    from docker.utils import parse_repository_tag
-
+    """flavour -> the name a build gives the image: config's (or the default), `tag` replacing its tag."""
     names = {}
     for flavor in flavors:
-        repo, current = parse_repository_tag(getattr(cfg.images, flavor))
+        repo, current = split_name(getattr(cfg.images, flavor) or DEFAULT_NAMES[flavor])
         names[flavor] = f"{repo}:{tag or current or 'latest'}"
     return names
+
+
+def split_name(image: str) -> tuple[str, str | None]:
+    """'registry:5000/kflift-cpu:1' -> ('registry:5000/kflift-cpu', '1') (a port is not a tag)."""
+    repo, _, tag = image.rpartition(":")
+    return (repo, tag) if repo and "/" not in tag else (image, None)
+
+
+def last_build(cfg: Config) -> dict[str, str]:
+    """flavour -> content-hash name from the last `kflift images build` under this output (or {})."""
+    import json
+
+    path = Path(cfg.output) / LAST_BUILD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def stage_images(cfg: Config) -> dict[str, str]:
+    """flavour -> the image its stages run in: config's name, else the last build's content tag, else the
+    default. Without GPUs (resources.gpu_limit=0) train and finetune run in the cpu image."""
+    built = last_build(cfg)
+    names = {flavor: getattr(cfg.images, flavor) or built.get(flavor) or DEFAULT_NAMES[flavor] for flavor in FLAVORS}
+    return names if cfg.resources.gpu_limit else {**names, "gpu": names["cpu"]}
+
+
+def _record_build(cfg: Config, built: dict[str, str]) -> None:
+    from kflift.components.data import write_json
+
+    write_json(Path(cfg.output) / LAST_BUILD, {**last_build(cfg), **built})
 
 
 def _context_files(root: Path, wheelhouse: Path | None) -> list[tuple[Path, str]]:
@@ -135,8 +165,9 @@ def _short(text: str, width: int = 70) -> str:
 
 def build(cfg: Config, flavors: list[str], tag: str | None = None, base_image: str | None = None,
           wheelhouse: str | None = None, push: str | None = None, context: str | None = None,
-          force: bool = False) -> dict[str, str]:
-    """Build (and push) the stage images; returns flavour -> image name (the pushed name with --push)."""
+          force: bool = False) -> dict[str, dict[str, str]]:
+    """Build (and push) the stage images; returns flavour -> {"name": ..., "content": ...}: the image's
+    name and its content-hash name (the pushed names with --push). The content names are recorded."""
     import docker
 
     root = Path(context).resolve() if context else repo_root()
@@ -175,15 +206,19 @@ def build(cfg: Config, flavors: list[str], tag: str | None = None, base_image: s
                 except docker.errors.APIError as exc:
                     raise ImageError(f"building {image} failed: {exc.explanation or exc}") from None
             print(f"==> built {image} ({client.images.get(image).attrs['Size'] / 1e9:.2f} GB)", flush=True)
-        built[flavor] = _push(client, image, push) if push else image
+        repo, _ = split_name(image)
+        by_content = f"{repo}:{content[:12]}"
+        client.api.tag(image, repo, content[:12])
+        names = {"name": image, "content": by_content}
+        built[flavor] = {k: _push(client, v, push) for k, v in names.items()} if push else names
+    _record_build(cfg, {flavor: names["content"] for flavor, names in built.items()})
     return built
 
 
 def _push(client, image: str, registry: str) -> str:
     import docker
-    from docker.utils import parse_repository_tag
 
-    repo, tag = parse_repository_tag(image)
+    repo, tag = split_name(image)
     target = f"{registry.rstrip('/')}/{repo.split('/')[-1]}"
     print(f"==> pushing {target}:{tag}", flush=True)
     try:

@@ -183,10 +183,10 @@ def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resum
 
 def docker_engine(cfg: Config):
     """The engine for --runner docker, once it holds the configured images (else ImageError)."""
-    from kflift.pipeline.images import ImageError, engine, missing_images
+    from kflift.pipeline.images import ImageError, engine, missing_images, stage_images
 
     client = engine()
-    missing = missing_images(client, {cfg.images.cpu, cfg.images.gpu})
+    missing = missing_images(client, set(stage_images(cfg).values()))
     if missing:
         what = f"image {missing[0]} is" if len(missing) == 1 else f"images {', '.join(missing)} are"
         raise ImageError(f"{what} not in the Docker engine; build {'it' if len(missing) == 1 else 'them'} "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import tempfile
 import urllib.error
 import urllib.request
@@ -32,15 +33,41 @@ def check_host(host: str, token: str | None, timeout: float = 10.0) -> None:
         raise SubmitError(f"KFP host {host} is unreachable: {reason}") from None
 
 
+def check_data_dir(cfg: Config, path: str, flag: str = "--data-dir") -> None:
+    """The pods see data only on the claim mounted at cluster.data_mount: a path elsewhere cannot work."""
+    mount = posixpath.normpath(cfg.cluster.data_mount)
+    if not cfg.cluster.data_pvc:
+        raise SubmitError(f"{flag} {path}: no data volume is set; name the claim that holds your images "
+                          f"(kind/minikube: --set cluster.data_pvc=kflift-data) and give the path under {mount}")
+    inside = posixpath.normpath(path) if path.startswith("/") else ""
+    if not (inside == mount or inside.startswith(mount.rstrip("/") + "/")):
+        raise SubmitError(f"{flag} {path} is not under {mount}, where the pods mount claim "
+                          f"{cfg.cluster.data_pvc} (cluster.data_mount)")
+
+
+def check_tracking_uri(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        raise SubmitError(f"--tracking-uri {uri}: a cluster run needs an MLflow server (http:// or https://); "
+                          "a file or SQLite store would vanish with the pod")
+
+
 def submit(cfg: Config, host: str, data_dir: str, source_dir: str = "", experiment: str = "kflift",
            namespace: str | None = None, token: str | None = None, tracking_uri: str = "",
            run_name: str | None = None) -> tuple[str, str]:
-    """Compile with this config and create a run; returns (run id, run URL)."""
+    """Compile with this config and create a run; returns (run id, run URL).
+
+    Tracking defaults to the in-cluster MLflow (cluster.tracking_uri); each KFP run gets its own MLflow
+    parent run, found or made by the stages under the KFP run id."""
     import kfp
     from kfp import compiler
 
     from kflift.pipeline.pipeline import make_pipeline
 
+    tracking_uri = tracking_uri or cfg.cluster.tracking_uri
+    check_tracking_uri(tracking_uri)
+    check_data_dir(cfg, data_dir)
+    if source_dir:
+        check_data_dir(cfg, source_dir, "--source-dir")
     check_host(host, token)
     with tempfile.TemporaryDirectory() as tmp:
         package = str(Path(tmp) / "kflift.yaml")

@@ -88,3 +88,62 @@ def test_sweep_fans_out_with_parallel_for_and_the_best_goes_on(tmp_path):
     evaluate = next(t for n, t in tasks.items() if n.startswith("evaluate"))
     assert "sweep-best" in evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"]
     assert any(n.startswith("select-best") for n in tasks)
+
+
+def test_cpu_mode_drops_every_gpu_request(tmp_path):
+    """resources.gpu_limit=0 (kind, CPU-only clusters): no accelerator, GPU node selector or toleration
+    anywhere in the IR or the platform spec, and train/finetune run in the cpu image."""
+    spec, platform = compiled(tmp_path, "resources.gpu_limit=0", "images.cpu=reg/kflift-cpu:1",
+                              "images.gpu=reg/kflift-gpu:1")
+    text = json.dumps([spec, platform])
+    assert "nvidia.com/gpu" not in text and "accelerator" not in text
+    assert "nodeSelector" not in text and "tolerations" not in text
+    assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {"reg/kflift-cpu:1"}
+
+
+def test_every_task_is_bounded_and_training_retries(tmp_path):
+    spec, _ = compiled(tmp_path, "resources.train.memory_limit=12G", "resources.retries=3")
+    executors = spec["deploymentSpec"]["executors"]
+    for name, ex in executors.items():
+        res = ex["container"]["resources"]
+        assert {"cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit"} <= set(res), name
+        if "train" in name or "finetune" in name:
+            assert res["memoryLimit"] == 12.0 and res["cpuLimit"] == 4.0
+    for task in spec["root"]["dag"]["tasks"].values():
+        kind = task["componentRef"]["name"]
+        retry = task.get("retryPolicy")
+        if "train" in kind or "finetune" in kind:
+            assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "30s", kind
+        else:
+            assert retry is None, kind
+        # KFP keys a cache hit on the data *path*: augment must rerun when the files under it change.
+        assert task.get("cachingOptions", {}).get("enableCache", False) == ("augment" not in kind), kind
+
+
+def test_data_volume_is_mounted_into_each_augment_task_only(tmp_path):
+    _, no_pvc = compiled(tmp_path)
+    assert "pvcMount" not in json.dumps(no_pvc)
+    spec, platform = compiled(tmp_path, "cluster.data_pvc=my-images", "cluster.data_mount=/mnt/images",
+                              "images.pull_secrets=[regcred]")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    augments = {n for n in spec["deploymentSpec"]["executors"] if "augment" in n}
+    assert len(augments) == 2
+    for name, conf in k8s.items():
+        mounts = [(m["pvcNameParameter"]["runtimeValue"]["constant"], m["mountPath"]) for m in conf.get("pvcMount", [])]
+        assert mounts == ([("my-images", "/mnt/images")] if name in augments else []), name
+        assert [s["secretName"] for s in conf["imagePullSecret"]] == ["regcred"]
+    assert set(k8s) == set(spec["deploymentSpec"]["executors"])  # every task gets the pull secret
+
+
+def test_images_default_to_the_last_builds_content_tags(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.json").write_text(json.dumps({"cpu": "kflift-cpu:0123456789ab", "gpu": "kflift-gpu:ba9876543210"}))
+    spec, _ = compiled(tmp_path, f"output={out}")
+    images = {n: ex["container"]["image"] for n, ex in spec["deploymentSpec"]["executors"].items()}
+    assert {i for n, i in images.items() if "train" in n or "finetune" in n} == {"kflift-gpu:ba9876543210"}
+    assert {i for n, i in images.items() if "augment" in n or "evaluate" in n} == {"kflift-cpu:0123456789ab"}
+    spec, _ = compiled(tmp_path, f"output={out}", "images.cpu=mine:1")  # config still wins
+    assert spec["deploymentSpec"]["executors"]["exec-evaluate-step"]["container"]["image"] == "mine:1"
+    spec, _ = compiled(tmp_path, f"output={tmp_path / 'never-built'}")
+    assert spec["deploymentSpec"]["executors"]["exec-evaluate-step"]["container"]["image"] == "kflift-cpu:0.1.0"
