@@ -25,9 +25,14 @@ TOOLS_BIN = Path(os.environ.get("KFLIFT_TOOLS_BIN", REPO / ".venv" / "tools" / "
 INSTALL_HINT = ("python3.11 -m venv .venv/tools && "
                 ".venv/tools/bin/python -m pip install -r k8s/tools-requirements.txt")
 
-TARGETS = ["base", "overlays/kind", "overlays/minikube", "overlays/gpu"]
+TARGETS = ["base", "overlays/kind", "overlays/minikube", "overlays/gpu"]  # the tracking stack
+# The data volume (PV + PVC kflift-data) lives where the pipeline's pods run: namespace kubeflow.
+DATA_TARGETS = ["data/kind", "data/minikube"]
+ALL_TARGETS = TARGETS + DATA_TARGETS
 K8S_VERSIONS = ["1.30.0", "1.33.0"]  # oldest supported and the kind node image's minor
 NAMESPACE = "kflift"
+DATA_NAMESPACE = "kubeflow"
+DATA_NODE_PATH = "/kflift-data"  # scripts/cluster-up.sh's kind extraMounts / `minikube mount` target
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "Pod"}
 # Every checkov skip must be one of these (each is justified where it is annotated).
 ALLOWED_SKIPS = {
@@ -64,7 +69,7 @@ def rendered_dir(tmp_path_factory) -> Path:
     """Each target rendered once by `kubectl kustomize` into <dir>/<name>.yaml."""
     kubectl = tool("kubectl")
     out = tmp_path_factory.mktemp("k8s-rendered")
-    for target in TARGETS:
+    for target in ALL_TARGETS:
         proc = run([kubectl, "kustomize", K8S / target])
         assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
         (out / f"{target.replace('/', '-')}.yaml").write_text(proc.stdout)
@@ -74,7 +79,7 @@ def rendered_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def rendered(rendered_dir) -> dict[str, list[dict]]:
     return {t: [d for d in yaml.safe_load_all((rendered_dir / f"{t.replace('/', '-')}.yaml").read_text()) if d]
-            for t in TARGETS}
+            for t in ALL_TARGETS}
 
 
 def pod_specs(docs: list[dict]):
@@ -129,8 +134,50 @@ def test_every_target_renders(rendered, target):
             f"{d['kind']}/{d['metadata']['name']} lacks app.kubernetes.io/part-of=kflift"
 
 
+@pytest.mark.parametrize("target", DATA_TARGETS)
+def test_data_volume_is_a_pre_bound_hostpath_claim_in_kubeflow(rendered, target):
+    """PV + PVC kflift-data: the claim where KFP standalone runs the pipeline's pods, bound only
+    to the hostPath PV on the node path the kind mount / `minikube mount` fills."""
+    docs = rendered[target]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("PersistentVolume", "kflift-data"), ("PersistentVolumeClaim", "kflift-data")]
+    pv = one(docs, "PersistentVolume", "kflift-data")
+    pvc = one(docs, "PersistentVolumeClaim", "kflift-data")
+    for d in docs:
+        assert d["metadata"]["labels"].get("app.kubernetes.io/part-of") == "kflift"
+    assert "namespace" not in pv["metadata"], "a PersistentVolume is cluster-scoped"
+    assert pvc["metadata"]["namespace"] == DATA_NAMESPACE
+    assert pv["spec"]["hostPath"] == {"path": DATA_NODE_PATH, "type": "Directory"}
+    # bound both ways, outside every storage class: no provisioner hands the claim an empty volume
+    assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": "kflift-data"}
+    assert pvc["spec"]["volumeName"] == "kflift-data"
+    assert pv["spec"]["storageClassName"] == "" and pvc["spec"]["storageClassName"] == ""
+    assert set(pvc["spec"]["accessModes"]) <= set(pv["spec"]["accessModes"])
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "never delete the user's images"
+
+    def gib(q: str) -> int:
+        assert q.endswith("Gi"), q
+        return int(q[:-2])
+    assert gib(pvc["spec"]["resources"]["requests"]["storage"]) <= gib(pv["spec"]["capacity"]["storage"])
+
+
+def test_data_volume_moves_to_a_profile_namespace_with_the_documented_sed(rendered_dir):
+    """KFP multi-user: k8s/README.md's `kubectl kustomize k8s/data/kind | sed ...` puts the claim
+    into the profile namespace and keeps the PV reserved for it."""
+    text = (rendered_dir / "data-kind.yaml").read_text()
+    sed = "s/namespace: kubeflow$/namespace: alice/"
+    assert sed in (K8S / "README.md").read_text() and sed in (K8S / "data/base/kustomization.yaml").read_text()
+    proc = run(["sed", sed], input=text)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    pvc = one(docs, "PersistentVolumeClaim", "kflift-data")
+    assert pvc["metadata"]["namespace"] == "alice"
+    assert one(docs, "PersistentVolume", "kflift-data")["spec"]["claimRef"]["namespace"] == "alice"
+    assert "kubeflow" not in proc.stdout
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", ALL_TARGETS)
 def test_kubernetes_validate_strict(rendered_dir, target, version):
     validate = tool("kubernetes-validate")
     path = rendered_dir / f"{target.replace('/', '-')}.yaml"
@@ -258,14 +305,27 @@ def test_postgres_is_reachable_only_from_mlflow(rendered, target):
         for rule in p["spec"]["ingress"]:
             assert [x["port"] for x in rule["ports"]] == [5000]
     rule = one(docs, "NetworkPolicy", "mlflow-ingress")["spec"]["ingress"][0]
-    assert any(selects(peer.get("podSelector"), {"app.kubernetes.io/part-of": "kflift"}) and "podSelector" in peer
-               for peer in rule["from"])
-    assert any(selects(peer.get("namespaceSelector"), {"kubernetes.io/metadata.name": "kubeflow"})
-               and "podSelector" not in peer for peer in rule["from"])
-    # no peer admits a whole namespace other than kubeflow (an empty namespaceSelector alone would)
-    for peer in rule["from"]:
-        if "podSelector" not in peer:
-            assert peer["namespaceSelector"].get("matchLabels") == {"kubernetes.io/metadata.name": "kubeflow"}
+
+    def admitted(ns_labels: dict, pod_labels: dict) -> bool:
+        """Whether a pod in another namespace matches a peer of the rule (NetworkPolicy semantics:
+        a peer without namespaceSelector means the policy's own namespace only)."""
+        return any("namespaceSelector" in peer and selects(peer["namespaceSelector"], ns_labels)
+                   and ("podSelector" not in peer or selects(peer["podSelector"], pod_labels))
+                   for peer in rule["from"])
+
+    def ns(name: str, **labels: str) -> dict:
+        return {"kubernetes.io/metadata.name": name, **labels}
+
+    stage_pod = {"workflows.argoproj.io/workflow": "kflift-abc"}  # a KFP stage pod: no kflift label
+    assert admitted(ns("anywhere"), {"app.kubernetes.io/part-of": "kflift"})
+    assert admitted(ns("kubeflow"), stage_pod), "KFP standalone's namespace"
+    # KFP multi-user: a profile namespace, by the labels Kubeflow / KFP's profile controller use
+    assert admitted(ns("alice", **{"app.kubernetes.io/part-of": "kubeflow-profile"}), stage_pod)
+    assert admitted(ns("bob", **{"pipelines.kubeflow.org/enabled": "true"}), stage_pod)
+    # ... and nothing else: an unlabelled or otherwise labelled namespace is refused
+    assert not admitted(ns("mallory"), stage_pod)
+    assert not admitted(ns("mallory", **{"app.kubernetes.io/part-of": "other"}), stage_pod)
+    assert not admitted(ns("mallory", **{"pipelines.kubeflow.org/enabled": "false"}), stage_pod)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -293,6 +353,27 @@ def test_mlflow_server_wiring(rendered, target):
     env = {e["name"]: e for e in pg["env"]}
     assert env["POSTGRES_PASSWORD_FILE"]["value"].startswith("/var/run/secrets/kflift/")
     assert pg["image"].startswith("postgres:15")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_mlflow_allowed_hosts_admit_the_ui_routes(rendered, target, monkeypatch):
+    """MLflow's own host check on the rendered --allowed-hosts: the NodePort (minikube's IP:30500),
+    kind's localhost:PORT and the Service name pass; a foreign (DNS-rebinding) host does not."""
+    from mlflow.server import security_utils
+
+    c = one(rendered[target], "Deployment", "kflift-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    found = re.findall(r'--allowed-hosts "([^"]+)"', " ".join(c.get("command", []) + c.get("args", [])))
+    assert len(found) == 1, "mlflow server needs exactly one --allowed-hosts"
+    # `mlflow server --allowed-hosts X` hands X to the app through this variable
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", found[0])
+    allowed = security_utils.get_allowed_hosts_from_env()
+    assert "*" not in allowed, "'*' turns the check off"
+    for host in ("192.168.49.2:30500", "172.18.0.2:30500", "localhost:5000", "localhost:5001", "127.0.0.1:5000",
+                 "kflift-mlflow.kflift:5000", "kflift-mlflow.kflift.svc.cluster.local:5000", "kflift-mlflow:5000"):
+        assert security_utils.is_allowed_host_header(allowed, host), f"{host} would get 403"
+    for host in ("evil.example.com", "evil.example.com:5000", "evil.example.com:80",
+                 "kflift-mlflow.evil.example.com:5000", "localhost.evil.example.com:5000"):
+        assert not security_utils.is_allowed_host_header(allowed, host), f"{host} is admitted"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -422,20 +503,6 @@ def test_dockerignore_keeps_the_sources_and_wheelhouse():
     for path in ("wheelhouse", "pyproject.toml", "constraints.txt", "README.md", "kflift", "pipeline",
                  "components"):
         assert not ignored(path), f"{path} is needed by containers/Dockerfile"
-
-
-def test_cluster_up_script():
-    script = REPO / "scripts" / "cluster-up.sh"
-    proc = run(["bash", "-n", script])
-    assert proc.returncode == 0, proc.stderr
-    text = script.read_text()
-    assert "set -euo pipefail" in text
-    for t in ("docker", "kind", "kubectl"):
-        assert re.search(rf"^need {t}\b", text, re.M), f"no check for {t}"
-    assert "kubectl apply -k k8s/overlays/kind" in text
-    assert 'VERSION="${VERSION:-0.1.0}"' in text and "kind load docker-image" in text
-    assert "k8s/overlays/kind/kind-cluster.yaml" in text
-    assert "KFP UI" in text and "MLflow UI" in text
 
 
 def test_tools_venv_matches_the_pins():

@@ -47,15 +47,18 @@ def test_a_failing_stage_is_marked_failed(tmp_path):
 
 
 def test_cluster_runs_share_one_parent_found_by_run_id(tmp_path):
+    """On a cluster each task gets the KFP run id (job_id) and no parent or pipeline run id: the stages
+    of one KFP run share one MLflow parent run, and another KFP run gets a parent of its own."""
     uri = tracking.default_tracking_uri(tmp_path)
-    ctx = {"uri": uri, "experiment": "exp", "job_id": "kfp-job-7"}
-    for stage in ("augment", "build-baseline"):
-        tracking.run_stage(stage, lambda: {}, ctx)
     client = MlflowClient(uri)
-    parents = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
-                                 filter_string="tags.`kflift.run_id` = 'kfp-job-7'")
-    top = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(top) == 1 and set(tracking.stage_runs(uri, top[0].info.run_id)) == {"augment", "build-baseline"}
+    for job, stages in (("kfp-job-7", ("augment", "build-baseline")), ("kfp-job-8", ("augment",))):
+        ctx = tracking.coordinates(uri, "exp", parent_run_id="", run_id="", job_id=job, cache_dir="", cache_mode="")
+        for stage in stages:
+            tracking.run_stage(stage, lambda: {}, ctx)
+        parents = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
+                                     filter_string=f"tags.`kflift.run_id` = '{job}'")
+        top = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+        assert len(top) == 1 and set(tracking.stage_runs(uri, top[0].info.run_id)) == set(stages)
 
 
 def test_unreachable_server_gives_one_clear_error():
