@@ -74,6 +74,17 @@ def kflift(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
+def compiled(tmp_path: Path, *sets: str) -> tuple[dict, dict]:
+    """`kflift compile` with these `--set`s: the pipeline spec and its Kubernetes platform spec."""
+    import yaml
+
+    out = tmp_path / "pipeline.yaml"
+    proc = kflift("compile", "-o", str(out), *[arg for s in sets for arg in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
 # A small but complete run: every stage, a couple of epochs each.
 FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
         "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]

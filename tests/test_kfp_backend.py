@@ -30,7 +30,7 @@ from decimal import Decimal
 import pytest
 import yaml
 
-from conftest import kflift
+from conftest import compiled
 
 RUN_UUID = "7d1f3a52-3f0e-4e7c-9f38-5c2a1b0e9d11"  # what the backend's opts.RunID holds
 RUN_NAME, RUN_DISPLAY_NAME = "kflift-run-abc12", "kflift run"
@@ -208,20 +208,9 @@ VARIANTS = {
 }
 
 
-def compiled(tmp_path, sets: list[str]) -> tuple[dict, dict]:
-    out = tmp_path / "pipeline.yaml"
-    args = ["compile", "-o", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    proc = kflift(*args)
-    assert proc.returncode == 0, proc.stderr
-    docs = list(yaml.safe_load_all(out.read_text()))
-    return docs[0], (docs[1] if len(docs) > 1 else {})
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_offline_backend_resolves_every_runtime_value_of_our_ir(tmp_path, variant):
-    spec, platform = compiled(tmp_path, VARIANTS[variant])
+    spec, platform = compiled(tmp_path, *VARIANTS[variant])
     view = backend_view(spec, platform, SUBMITTED)
     assert problems(view) == []
     stages = {got["parameters"]["stage"] for got in view.values() if "stage" in got["parameters"]}
@@ -235,7 +224,7 @@ def test_offline_backend_resolves_every_runtime_value_of_our_ir(tmp_path, varian
 
 
 def test_offline_backend_mounts_the_data_claim_into_each_augment_task(tmp_path):
-    spec, platform = compiled(tmp_path, VARIANTS["pvc"])
+    spec, platform = compiled(tmp_path, *VARIANTS["pvc"])
     view = backend_view(spec, platform, SUBMITTED)
     augments = {t: got for t, got in view.items() if "augment" in got["executor"]}
     assert len(augments) == 2

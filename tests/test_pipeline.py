@@ -2,20 +2,7 @@
 import json
 import re
 
-import yaml
-
-from conftest import kflift
-
-
-def compiled(tmp_path, *sets):
-    out = tmp_path / "pipeline.yaml"
-    args = ["compile", "-o", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    proc = kflift(*args)
-    assert proc.returncode == 0, proc.stderr
-    docs = list(yaml.safe_load_all(out.read_text()))
-    return docs[0], (docs[1] if len(docs) > 1 else {})
+from conftest import compiled
 
 
 def test_compiled_dag_has_every_stage_and_candidate(tmp_path):
