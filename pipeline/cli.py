@@ -228,7 +228,8 @@ def _predict(args) -> int:
 def _submit(args) -> int:
     from kflift.pipeline.submit import SubmitError, submit
 
-    cfg = load_config(args.config, args.overrides)
+    # --data-dir is the user's own data: the demo's digits source does not apply (config.NO_SOURCE_NOTE).
+    cfg = load_config(args.config, [f"data={args.data_dir}", *args.overrides])
     try:
         run_id, url = submit(cfg, args.host, args.data_dir, args.source_dir, args.experiment, args.namespace,
                              args.token, args.tracking_uri)

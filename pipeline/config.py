@@ -11,6 +11,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+NO_TRANSFER = "none"
+NO_SOURCE_NOTE = ("no transfer source named, so no transfer candidate: add one with "
+                  "--set transfer.source_classes=A,B (classes of --data held out), transfer.source_dir=DIR "
+                  "or transfer.weights=imagenet|FILE")
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
@@ -99,8 +105,8 @@ class TransferConfig(_Section):
     )
     source_dir: str | None = Field(None, description="another image folder to pretrain the backbone on")
     weights: str = Field(
-        "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', or a weights file"
-    )
+        "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', a weights file, or 'none' "
+        "(no transfer candidate: the default for your own --data until you name a source)")
     backbone: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
     pretrain_epochs: int = Field(6, ge=1)
     pretrain_depth: int = Field(
@@ -231,16 +237,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw else None
-        if isinstance(value, str) and "," in value and key.endswith(("classes", "options")):
+        if isinstance(value, str) and key.endswith(("classes", "options")):  # one name is a list of one
             value = [v.strip() for v in value.split(",") if v.strip()]
         if key.endswith("classes") and isinstance(value, (list, int)):
             value = [str(v) for v in (value if isinstance(value, list) else [value])]
         _set_dotted(tree, key.strip(), value)
         given.add(key.strip())
         origin += f" + --set {key}"
-    # The held-out-digits default only stands while the user names no other source.
-    if given & {"transfer.source_dir", "transfer.weights"} and "transfer.source_classes" not in given:
+    # The held-out digits are the demo's transfer source: they stand only while the user names no other
+    # source and brings no data of their own; their own data without a source has no transfer candidate.
+    names_source = given & {"transfer.source_dir", "transfer.weights", "transfer.source_classes"}
+    if "transfer.source_classes" not in given and (names_source or tree.get("data")):
         tree["transfer"]["source_classes"] = []
+        if not names_source:
+            tree["transfer"]["weights"] = NO_TRANSFER
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

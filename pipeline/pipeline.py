@@ -7,7 +7,7 @@ cluster needs (see `on_cluster`); kfp.local ignores that.
 from kfp import dsl, kubernetes
 
 from kflift.components.sweep import grid_points
-from kflift.pipeline.config import Config
+from kflift.pipeline.config import NO_TRANSFER, Config
 from kflift.pipeline.images import stage_images
 from kflift.pipeline.steps import make_components
 
@@ -87,7 +87,10 @@ def make_pipeline(cfg: Config):
                 lr_factor=tx.finetune_lr_factor, head=tx.head, head_units=tx.head_units, patience=reg.patience,
                 augmented=augmented, **fit_args, **pretrained), "train", cfg)
 
-        if cfg.evaluate.ablation:
+        if tx.weights == NO_TRANSFER:  # all the levers but transfer
+            if cfg.evaluate.ablation:
+                candidates["all"] = build_and_train("all", target, epochs=tr.epochs, **regularize)
+        elif cfg.evaluate.ablation:
             candidates["transfer"] = finetune("transfer", augmented=False)
             candidates["all"] = finetune("all", augmented=True)
         else:

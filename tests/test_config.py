@@ -46,3 +46,22 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(path)
+
+
+@pytest.mark.parametrize("sets, weights, source", [
+    (["data=/my/images"], "none", []),  # their own data, no source named: no transfer candidate
+    (["data=/my/images", "transfer.source_classes=cats,dogs"], "pipeline", ["cats", "dogs"]),
+    (["data=/my/images", "transfer.source_classes=cats"], "pipeline", ["cats"]),
+    (["data=/my/images", "transfer.weights=imagenet", "transfer.backbone=mobilenetv2"], "imagenet", []),
+    (["data=/my/images", "transfer.source_dir=/src"], "pipeline", []),
+    ([], "pipeline", ["0", "1", "2", "3", "4"]),  # the digits demo keeps its held-out source
+])
+def test_the_digits_source_belongs_to_the_demo(sets, weights, source):
+    cfg = load_config(None, sets)
+    assert (cfg.transfer.weights, cfg.transfer.source_classes) == (weights, source)
+
+
+def test_own_data_in_a_config_file_drops_the_digits_source(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: /my/images\n")
+    assert load_config(path).transfer.weights == "none"

@@ -15,15 +15,21 @@ the backend that scripts/cluster-up.sh installs):
                  constant — a dict or list included — passes through untouched. L268-299 and dag.go
                  L181-192: an iteration gets its item of the parameter iterator's raw items. L202-216:
                  a STRING input given another type becomes its JSON text.
-- launcher       backend/src/v2/component/launcher_v2.go L1051-1074 (compileCmdAndArgs) and L1077-1170
-                 (getPlaceholders): in each argument {{$}} becomes the executor input's JSON, then each
+- launcher       backend/src/v2/component/launcher_v2.go L425 + L1310-1330 (addDefaultParams: a component
+                 default fills a missing input), L1051-1074 (compileCmdAndArgs) and L1077-1170
+                 (getPlaceholders): in each argument {{$}} becomes the executor input's JSON
+                 (protojson: a whole number is written without a fraction), then each
                  {{$.inputs.parameters['name']}} is replaced textually by the parameter's value; the
                  Python executor reads its inputs from that JSON.
 - k8s.go         backend/src/v2/driver/k8s.go L1111-1166 (makeVolumeMountPatch): a PvcMount's claim name
                  is resolved like an input parameter; a claim and mount path are required; the pod gets a
                  persistentVolumeClaim volume and a mount (KFP 2.17 has no read-only flag for it).
-"""
 
+Checked once against the real Go code (not in CI, which cannot fetch it): the 2.17.0 sources built
+from a mirror, with test files calling resolveInputParameter/resolveInputs, addDefaultParams,
+compileCmdAndArgs and makeVolumeMountPatch on our IR (default, PVC, sweep, and the IR before the fix)
+gave the same values and mounts as this port for every task.
+"""
 import json
 from decimal import Decimal
 
@@ -97,8 +103,11 @@ def task_inputs(task: dict, component: dict, parent: dict, task_name: str) -> di
     return values
 
 
-def launcher_parameters(executor: dict, inputs: dict) -> dict:
-    """launcher_v2.go L1051-1170: the parameter values the Python executor parses from --executor_input."""
+def launcher_parameters(executor: dict, component: dict, inputs: dict) -> dict:
+    """launcher_v2.go: the parameter values the Python executor parses from --executor_input."""
+    defaults = {name: spec["defaultValue"] for name, spec in component.get("inputDefinitions", {})
+                .get("parameters", {}).items() if "defaultValue" in spec}
+    inputs = _protojson({**defaults, **inputs})
     executor_input = json.dumps({"inputs": {"parameterValues": inputs}})
     placeholders = {f"{{{{$.inputs.parameters['{name}']}}}}": _placeholder_text(value)
                     for name, value in inputs.items()}
@@ -113,6 +122,17 @@ def launcher_parameters(executor: dict, inputs: dict) -> dict:
         return json.loads(text)["inputs"]["parameterValues"]
     except json.JSONDecodeError as exc:
         raise BackendError(f"the launcher's substitution broke the executor input JSON: {exc}") from None
+
+
+def _protojson(value):
+    """protojson writes a whole-valued double as an integer (64, not 64.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _protojson(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_protojson(v) for v in value]
+    return value
 
 
 def _placeholder_text(value) -> str:
@@ -165,7 +185,7 @@ def backend_view(spec: dict, platform: dict, runtime: dict) -> dict:
                     walk(child, inputs, f"{path}{name}/")
                 continue
             label = child["executorLabel"]
-            seen[f"{path}{name}"] = {"parameters": launcher_parameters(executors[label], inputs),
+            seen[f"{path}{name}"] = {"parameters": launcher_parameters(executors[label], child, inputs),
                                      "mounts": pvc_mounts(k8s.get(label, {}), parent, name), "executor": label}
 
     walk(spec["root"], root_parameters(spec, runtime), "")

@@ -134,3 +134,18 @@ def test_images_default_to_the_last_builds_content_tags(tmp_path):
     assert spec["deploymentSpec"]["executors"]["exec-evaluate-step"]["container"]["image"] == "mine:1"
     spec, _ = compiled(tmp_path, f"output={tmp_path / 'never-built'}")
     assert spec["deploymentSpec"]["executors"]["exec-evaluate-step"]["container"]["image"] == "kflift-cpu:0.1.0"
+
+
+def test_own_data_without_a_source_has_no_transfer_candidate(tmp_path):
+    spec, _ = compiled(tmp_path, "data=/my/images")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert not any("finetune" in t["componentRef"]["name"] for t in tasks.values())
+    assert len(tasks) == 6  # augment, 2 builds, 2 trainings, evaluate
+    evaluate = next(t for n, t in tasks.items() if n.startswith("evaluate"))
+    assert evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"] == ["baseline", "regularized"]
+    augment = next(t for n, t in tasks.items() if n.startswith("augment"))
+    assert augment["inputs"]["parameters"]["exclude_classes"]["runtimeValue"]["constant"] == []
+    spec, _ = compiled(tmp_path, "data=/my/images", "evaluate.ablation=true")
+    evaluate = next(t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("evaluate"))
+    assert evaluate["inputs"]["parameters"]["names"]["runtimeValue"]["constant"] == [
+        "baseline", "augmentation", "regularization", "all"]
