@@ -51,9 +51,9 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
     work = staging_dir(output_dir)
-    scores, matrices, per_class, binary_probs, preds = {}, {}, {}, {}, {}
+    scores, matrices, per_class, binary_probs, preds, probs_of = {}, {}, {}, {}, {}, {}
     for name, model_dir in candidates.items():
-        probs, y = predict(model_dir, dataset_dir)
+        probs, y = probs_of[name] = predict(model_dir, dataset_dir)
         pred = preds[name] = probs.argmax(axis=1)
         scores[name] = classification_metrics(probs, y)
         by_class = skm.classification_report(y, pred, labels=range(len(labels)), output_dict=True, zero_division=0)
@@ -81,9 +81,13 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
                            labels)
     if binary_probs:
         plots.roc_curves(binary_probs, work / "roc.png", positive=labels[1])
-    plots.comparison_bars({n: s[metric] for n, s in scores.items()}, metric, work / "comparison.png", baseline)
     intervals = {name: lift_interval(metric, y, preds[name], preds[baseline], len(labels))
                  for name in scores if baseline in scores and name != baseline}
+    if intervals:
+        plots.lift_chart({n: (scores[n][metric] - base_score, *intervals[n]) for n in intervals}, metric,
+                         work / "comparison.png", baseline, base_score)
+    if winner:
+        error_gallery(dataset_dir, preds[winner], probs_of[winner][0], labels, work / "errors.png")
     table = comparison_table(scores, gate, metric, baseline, winner, intervals)
     (work / "comparison.md").write_text(table)
     report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric,
@@ -103,6 +107,27 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
                      "candidate": winner} if winner and export else None,
         "report": report,
     }
+
+
+def error_gallery(dataset_dir: str, pred: np.ndarray, probs: np.ndarray, labels: list[str], path: Path,
+                  most: int = 24) -> list[str]:
+    """A PNG of the first `most` test images a model gets wrong; returns their captions,
+    true -> predicted (probability)."""
+    shown, titles, start = [], [], 0
+    for batch, y in load_split(dataset_dir, "test", 256):  # keeps only the images it shows
+        for i in np.flatnonzero(pred[start:start + len(y)] != y.numpy())[:most - len(shown)]:
+            truth, guess = int(y[i]), int(pred[start + i])
+            shown.append(_displayable(batch[i].numpy()))
+            titles.append(f"{labels[truth]} -> {labels[guess]} ({probs[start + i, guess]:.2f})")
+        start += len(y)
+    plots.error_gallery(shown, titles, path)
+    return titles
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """A normalized image (tf.Transform's per-channel z-scores) stretched back to [0, 1] to look at."""
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
 
 
 def lift_interval(metric: str, labels: np.ndarray, pred: np.ndarray, base_pred: np.ndarray, num_classes: int,

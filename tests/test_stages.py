@@ -127,6 +127,8 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     assert sum(c["support"] for c in per_class.values()) == report["test_images"]
     assert (tmp_path / "eval" / "champion" / "model.keras").exists()
     assert "| baseline |" in (tmp_path / "eval" / "comparison.md").read_text()
+    assert (tmp_path / "eval" / "comparison.png").stat().st_size > 1000  # the lifts with their intervals
+    assert (tmp_path / "eval" / "errors.png").stat().st_size > 1000  # the champion's mistakes
     # the lift's paired bootstrap interval holds the measured lift; a model against itself lifts nothing
     low, high = report["lift_interval_95"]["better"]
     lift = report["candidates"]["better"]["accuracy"] - report["candidates"]["baseline"]["accuracy"]
@@ -140,6 +142,21 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     if max(s["accuracy"] for s in report["candidates"].values()) < 1.0:
         assert gated["report"]["winner"] is None
         assert all(not g["passed"] for g in gated["report"]["gate"].values())
+
+
+def test_error_gallery_shows_exactly_the_mistakes(cifar_dataset, tmp_path):
+    labels = read_meta(cifar_dataset)["labels"]
+    truth = np.concatenate([y.numpy() for _, y in load_split(cifar_dataset, "test", 256)])
+    pred = truth.copy()
+    pred[[0, 2]] = 1 - truth[[0, 2]]  # two mistakes, the rest right
+    probs = np.full((len(truth), 2), 0.5)
+    probs[0, pred[0]] = 0.9
+    titles = evaluate.error_gallery(str(cifar_dataset), pred, probs, labels, tmp_path / "errors.png")
+    assert titles[0] == f"{labels[truth[0]]} -> {labels[pred[0]]} (0.90)" and len(titles) == 2
+    assert (tmp_path / "errors.png").stat().st_size > 1000
+    everything_wrong = evaluate.error_gallery(str(cifar_dataset), 1 - truth, probs, labels, tmp_path / "all.png",
+                                              most=5)
+    assert len(everything_wrong) == min(5, len(truth))
 
 
 def test_lift_interval_separates_a_real_lift_from_noise():
