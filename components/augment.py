@@ -10,6 +10,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from kflift.components.data import (DataError, META_FILE, SPLITS, in_child_process, list_images,
                                     publish_dir, staging_dir, write_json)
+from kflift.components.progress import progress
 
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
 # so serving the same file gives the same tensor as training.
@@ -249,14 +251,22 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
         {name: tf.io.FixedLenFeature([], tf.string) for name in ("image", "label", "key")})
     raw_format = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["kflift"],
                                            schema=raw_schema)
-    progress = {"n": 0, "every": max(500, len(items) // 20), "start": time.time()}
+    # Progress lines (components/progress.py): counts so far of each copy of these functions that
+    # Beam unpickles (a worker process, a bundle), named by a token it draws on first use.
+    every = max(10, len(items) // 40)
+    counts = {"checked": 0, "written": 0}
+
+    def report(what, n):
+        counts.setdefault("worker", os.urandom(4).hex())
+        before = counts[what]
+        counts[what] += n
+        if counts[what] // every > before // every or (what == "checked" and counts[what] == len(items)):
+            progress("augment", worker=counts["worker"], **{what: counts[what]},
+                     **({"images": len(items)} if what == "checked" else {}))
 
     def checked(item):
         rec = decode_image(item[0], item[1], max_pixels)
-        progress["n"] += 1
-        if progress["n"] % progress["every"] == 0:  # per worker: a sign of life on long inputs
-            rate = progress["n"] / (time.time() - progress["start"])
-            print(f"augment: checked {progress['n']} of ~{len(items)} images ({rate:.0f}/s)", flush=True)
+        report("checked", 1)
         if "reason" in rec:
             Metrics.counter("kflift", "quarantined:" + rec["reason"].split(":")[0]).inc()
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
@@ -280,6 +290,7 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
             {"image": record["image"], "label": rec["label"], "key": rec["sha256"]}]
         if count:
             Metrics.counter("kflift", f"written:{split}:{rec['label']}").inc(len(examples))
+            report("written", len(examples))
         return [_raw_example(e) for e in examples]
 
     tmp = work / ".tft-tmp"

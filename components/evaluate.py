@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from kflift.components import plots
 from kflift.components.data import load_model, load_split, publish_dir, read_meta, staging_dir, write_json
-from kflift.components.serve import export_serving
+from kflift.components.serve import export_serving, save_mlflow_model
 
 
 def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):
@@ -79,6 +79,8 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
         if export:  # raw image bytes in, probabilities out: the transform graph travels with the model
             export_serving(str(work / "champion"), str(Path(dataset_dir) / "transform_fn"), str(work / "serving"),
                            labels)
+            # ... and as an MLflow pyfunc model around it: what the registry's champion is
+            save_mlflow_model(work / "serving", work / "mlflow_model", labels)
     if binary_probs:
         plots.roc_curves(binary_probs, work / "roc.png", positive=labels[1])
     intervals = {name: lift_interval(metric, y, preds[name], preds[baseline], len(labels))
@@ -99,11 +101,11 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metr
     out = Path(output_dir)
     return {
         "params": {"metric": metric, "min_metric": min_metric, "baseline": baseline,
-                   "candidates": list(candidates)},
+                   "candidates": list(candidates), "winner": winner or "none"},
         "metrics": {f"{n}.{k}": v for n, s in scores.items() for k, v in s.items()},
         "artifacts": [("evaluation", out)],
-        # The tracking layer registers this folder in the Model Registry with alias `champion`.
-        "register": {"name": registry_name, "artifact_path": "evaluation/serving",
+        # The tracking layer registers this MLflow model in the Model Registry with alias `champion`.
+        "register": {"name": registry_name, "artifact_path": "evaluation/mlflow_model",
                      "candidate": winner} if winner and export else None,
         "report": report,
     }

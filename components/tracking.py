@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from kflift.components import progress
+
 RUN_ID_TAG = "kflift.run_id"
 STAGE_TAG = "kflift.stage"
 CACHED_FROM_TAG = "kflift.cached_from"  # on a cache hit: the MLflow run that produced the outputs
@@ -169,6 +171,31 @@ class StageRun:
         return version.version
 
 
+def resolve_model(tracking_uri: str, model_uri: str) -> str:
+    """What a registry URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) stands for in this store,
+    in words, or a TrackingError in one line on why it cannot be served; other URIs as given."""
+    rest = model_uri[len("models:/"):].strip("/") if model_uri.startswith("models:/") else ""
+    name, alias = rest.split("@", 1) if "@" in rest else (rest.rpartition("/")[0], None)
+    version = None if alias else rest.rpartition("/")[2]
+    if not name or not (alias or (version or "").isdigit()):
+        return model_uri  # a path, runs:/..., a logged model id: MLflow itself says what is wrong
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"no MLflow store at {tracking_uri[len('sqlite:///'):]}: run the pipeline first "
+                            "(kflift run), or name the store with --output or --tracking-uri")
+    check_server(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise TrackingError(f"{model_uri} is not in the model registry of {tracking_uri} ({_first_line(exc)}); "
+                            "a pipeline run whose evaluate stage finds a winner registers it") from None
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the user needs one message
+        raise TrackingError(f"MLflow tracking store {tracking_uri} is not usable: {_first_line(exc)}") from None
+    return f"{model_uri} = version {found.version} of {name}, candidate {found.tags.get('kflift.candidate', '?')}"
+
+
 def find_or_start_parent_run(tracking_uri: str, experiment: str, run_id: str) -> str:
     """The parent run tagged with this pipeline run id (a cluster run has no driver to make it)."""
     client = _client(tracking_uri)
@@ -235,9 +262,9 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
     store = cache.StageCache(tracking.get("cache_dir", ""), tracking.get("cache_mode", ""), fn_name, kwargs,
                              cached)
     inputs = cached.input_paths() if cached else None
-    with store.locked(stage), stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage,
-                                        tracking.get("experiment", "kflift"),
-                                        tracking.get("run_id") or tracking.get("job_id", ""), inputs) as run:
+    with progress.reporting(stage), store.locked(stage), \
+            stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage, tracking.get("experiment", "kflift"),
+                      tracking.get("run_id") or tracking.get("job_id", ""), inputs) as run:
         hit = store.lookup()
         if hit:
             print(f"{stage}: cached (fingerprint {store.key[:12]}, produced by MLflow run {hit['producer']})",
@@ -251,6 +278,7 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
         else:
             if store.on:
                 print(f"{stage}: running (fingerprint {store.key[:12]})", flush=True)
+            progress.progress(stage, state="running", since=_process_start())
             if isinstance(fn, str):
                 import importlib
 
@@ -261,12 +289,22 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
             if result.get("register"):
                 run.register(**result["register"])
             store.store(stage, result, run.run_id)
+    _report_end(stage, "cached" if hit else "done", result)
     store.mark()
     if kfp_metrics is not None:
         for key, value in _flat(result.get("metrics", {})).items():
             if isinstance(value, (int, float)):
                 kfp_metrics.log_metric(key, float(value))
     return result
+
+
+def _report_end(stage: str, state: str, result: dict) -> None:
+    """The stage's end as a progress line (components/progress.py): its wall time, scalar metrics
+    and the candidate it registered as champion."""
+    metrics = {k: v for k, v in _flat(result.get("metrics", {})).items() if isinstance(v, (int, float))}
+    champion = (result.get("register") or {}).get("candidate")
+    progress.progress(stage, state=state, seconds=round(time.time() - _process_start(), 3), metrics=metrics,
+                      **({"champion": champion} if champion else {}))
 
 
 def _process_start() -> float:
@@ -317,3 +355,56 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def pipeline_runs(tracking_uri: str, experiment: str, limit: int = 20) -> list[dict]:
+    """The newest pipeline runs of an experiment: run id, start, status, winner and its score."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    parents = client.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE 'kflift-%'",
+                                 order_by=["attributes.start_time DESC"], max_results=limit)
+    evaluations = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'evaluate'",
+                                     order_by=["attributes.start_time DESC"])
+    evaluated = {}  # parent id -> its newest evaluate run
+    for run in evaluations:
+        evaluated.setdefault(run.data.tags.get("mlflow.parentRunId"), run)
+    rows = []
+    for parent in parents:
+        evaluation = evaluated.get(parent.info.run_id)
+        params = evaluation.data.params if evaluation else {}
+        winner, metric = params.get("winner", ""), params.get("metric", "accuracy")
+        rows.append({"run_id": parent.data.tags.get(RUN_ID_TAG, ""), "mlflow_run_id": parent.info.run_id,
+                     "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000)),
+                     "status": parent.info.status, "winner": winner, "metric": metric,
+                     "score": evaluation.data.metrics.get(f"{winner}.{metric}") if evaluation else None,
+                     "evaluate_run_id": evaluation.info.run_id if evaluation else None})
+    return rows
+
+
+def find_pipeline_run(tracking_uri: str, experiment: str, run_id: str) -> dict:
+    """One pipeline run (by kflift or KFP run id, or its MLflow run id) with its stages' runs and
+    the evaluation's comparison table and artifact locations."""
+    client = _client(tracking_uri)
+    row = next((r for r in pipeline_runs(tracking_uri, experiment, limit=1000)
+                if run_id in (r["run_id"], r["mlflow_run_id"])), None)
+    if row is None:
+        raise TrackingError(f"no pipeline run {run_id} in experiment {experiment} of {tracking_uri} "
+                            "(`kflift runs` lists them)")
+    row["stages"] = stage_runs(tracking_uri, row["mlflow_run_id"])
+    row["comparison"], row["artifacts"] = "", {}
+    if row["evaluate_run_id"]:
+        import mlflow.artifacts
+
+        base = client.get_run(row["evaluate_run_id"]).info.artifact_uri
+        listed = {a.path for a in client.list_artifacts(row["evaluate_run_id"], "evaluation")}
+        if "evaluation/comparison.md" in listed:  # absent while the stage runs, or if it failed
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            row["comparison"] = mlflow.artifacts.load_text(f"{base}/evaluation/comparison.md")
+        row["artifacts"] = {name: f"{base}/{path}" for name, path in (
+            ("lift chart", "evaluation/comparison.png"), ("mistakes", "evaluation/errors.png"),
+            ("ROC", "evaluation/roc.png"), ("report", "evaluation/report.json"),
+            ("serving model", "evaluation/serving")) if path in listed}
+    return row
+

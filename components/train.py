@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from kflift.components import plots
+from kflift.components.progress import progress
 from kflift.components.data import (load_model, load_split, publish_dir, read_meta, save_atomically, save_model,
                                     split_size, staging_dir, write_json)
 
@@ -109,6 +110,18 @@ class _AtomicCheckpoint(keras.callbacks.Callback):
         save_atomically(self.model, self.dir / f"{self.phase}-{epoch + 1:03d}.keras")
 
 
+class _Progress(keras.callbacks.Callback):
+    """A progress line (components/progress.py) after each epoch: the console's epoch bar."""
+
+    def __init__(self, epochs: int, phase: str):
+        super().__init__()
+        self.epochs, self.phase = epochs, phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress("train", epoch=epoch + 1, epochs=self.epochs, **({"phase": self.phase} if self.phase else {}),
+                 metrics={k: float(v) for k, v in (logs or {}).items()})
+
+
 class _EpochSeed(keras.callbacks.Callback):
     """Reset the random layers' seed state (dropout, online augmentation) from (seed, epoch) at each
     epoch: a resumed run draws the masks an uninterrupted one does (the stream in a checkpoint does not
@@ -162,7 +175,7 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
             model = with_policy(model, policy)
         compile_model(model, meta["num_classes"], learning_rate, optimizer)  # loss scaling under float16
         if checkpoint is not None:
-            print(f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})", flush=True)
+            progress("train", note=f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})")
             # Into the model as the caller made it (which layers are frozen is not in a checkpoint's
             # weights): the optimizer built over its trainable variables takes back its saved state.
             model.optimizer.build(model.trainable_variables)
@@ -187,7 +200,7 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
                                        restore_best_weights=True) if patience > 0 else None
     # Last, so they see every metric the others added (the learning rate among them).
     callbacks += [c for c in (stopping, keras.callbacks.CSVLogger(str(log_path), append=True),
-                              _AtomicCheckpoint(checkpoint_dir, tag)) if c]
+                              _AtomicCheckpoint(checkpoint_dir, tag), _Progress(epochs, phase)) if c]
     if done < epochs and not (stopping and stopping.stopped):
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=done, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=2)

@@ -1,4 +1,4 @@
-"""kflift command line: run | stage | predict | compile | submit | ui | server | images."""
+"""kflift command line: run | stage | predict | serve | compile | submit | ui | server | images | runs | show."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_ID", help="continue that run (after a crash or kill) in its "
                      "folder, with its saved config and MLflow run: finished stages come from the cache, "
                      "training from its last checkpoint")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also stream every stage's output (kfp.local's executor logs, TensorFlow, Beam) to the "
+                          "console; by default it goes to runs/<run id>/run.log only")
     _beam_args(run)
     _config_args(run)
 
@@ -56,11 +59,33 @@ def _parser() -> argparse.ArgumentParser:
     _beam_args(stage)
     _config_args(stage)
 
-    pred = sub.add_parser("predict", help="classify image files with a serving model",
-                          description="Print one line per image: path<TAB>label<TAB>probability.")
+    pred = sub.add_parser("predict", help="classify image files with a serving model", description=(
+        "Print one line per image, in order: path<TAB>label<TAB>probability, or path<TAB>error<TAB>reason for a "
+        "file that cannot be classified (missing, a directory, not an image, corrupt or truncated); the others "
+        "are still classified, and the exit code is 1 if any failed. Files are read and scored in batches, so "
+        "any number of paths takes the same memory."))
     pred.add_argument("--model", required=True, metavar="DIR",
                       help="a serving SavedModel, e.g. kflift-output/runs/<run id>/serving")
-    pred.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP, GIF)")
+    pred.add_argument("images", nargs="+", metavar="IMAGE",
+                      help="image files (JPEG, PNG, GIF, BMP, WebP; other formats Pillow reads are converted as "
+                           "in training); - reads more paths from stdin, one per line")
+    pred.add_argument("--output", choices=["text", "json"], default="text",
+                      help="text: tab-separated lines (default); json: JSON Lines, one object per image, "
+                           '{"path", "label", "probability", "probabilities": {class: p}} or {"path", "error"}')
+    pred.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)")
+
+    serve = sub.add_parser("serve", help="serve the champion model over HTTP on loopback (MLflow scoring server)",
+                           description=(
+        "Run `mlflow models serve --env-manager local` for a registered model on 127.0.0.1: POST /invocations "
+        'with {"dataframe_split": {"columns": ["image"], "data": [["<base64 image>"], ...]}} answers one '
+        "prediction per image (label, probability, probability_<class>, error); GET /ping is its health check."))
+    serve.add_argument("--model", metavar="URI", help="MLflow model URI (default: the champion, "
+                       "models:/kflift-classifier@champion)")
+    serve.add_argument("--output", metavar="DIR", default="kflift-output", help="the run output folder")
+    serve.add_argument("--tracking-uri", metavar="URI", help="store holding the model registry "
+                       "(default: the output's SQLite store)")
+    serve.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001; kflift ui "
+                       "takes 5000)")
 
     comp = sub.add_parser("compile", help="write the KFP pipeline YAML for a cluster",
                           description="Compile the pipeline to KFP IR YAML (images and GPU requests from config).")
@@ -87,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--output", metavar="DIR", default="kflift-output", help="the run output folder")
     ui.add_argument("--tracking-uri", metavar="URI", help="store to show (default: the output's SQLite store)")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+
+    for name, text in (("runs", "list the pipeline runs in the store: id, start, status, winner, its score"),
+                       ("show", "one run's comparison table, stages and artifact locations")):
+        store = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "show":
+            store.add_argument("run_id", metavar="RUN_ID", help="kflift run id (or the KFP run id of a cluster run)")
+        else:
+            store.add_argument("--limit", type=int, default=20, help="newest N runs (default 20)")
+        store.add_argument("--output", metavar="DIR", default="kflift-output", help="the run output folder")
+        store.add_argument("--tracking-uri", metavar="URI", help="store to read (default: the output's SQLite store)")
+        store.add_argument("--experiment", default="kflift", help="MLflow experiment (default kflift)")
 
     srv = sub.add_parser("server", help="start the MLflow tracking server with a PostgreSQL store (loopback)",
                          description="Serve MLflow (runs in PostgreSQL, artifacts proxied by the server) and "
@@ -154,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from kflift.components.data import DataError
     from kflift.components.tracking import TrackingError
+    from kflift.pipeline.console import RunConsole
     from kflift.pipeline.images import ImageError
     from kflift.pipeline.local_run import StageFailed, run_local
 
@@ -166,22 +203,13 @@ def _run(args) -> int:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
     cfg.augment.beam_options += args.beam_options
+    console = RunConsole(verbose=args.verbose)
     try:
-        summary = run_local(cfg, runner=args.runner, cache=not args.no_cache, resume=args.resume)
+        summary = run_local(cfg, runner=args.runner, cache=not args.no_cache, resume=args.resume, console=console)
     except (DataError, TrackingError, StageFailed, ImageError) as exc:
         print(f"kflift: {exc}", file=sys.stderr)
         return 1
-    best = summary["candidates"].get(summary["winner"] or "", {})
-    print(f"\nwinner: {summary['winner']} ({', '.join(f'{k}={v:.3f}' for k, v in best.items())})")
-    if summary["cached"]:
-        print(f"cached stages: {', '.join(summary['cached'])}")
-    print(f"summary: {summary['path']}")
-    if summary["serving"]:
-        print(f"serving model: {summary['serving']}  (kflift predict --model {summary['serving']} IMAGE...)")
-    if summary["tracking_uri"].startswith("sqlite:"):
-        print(f"MLflow: kflift ui --output {Path(cfg.output)}  (or `make ui`), then open http://127.0.0.1:5000")
-    else:
-        print(f"MLflow: {summary['tracking_uri']}")
+    console.report(summary, Path(cfg.output))
     return 0
 
 
@@ -211,18 +239,67 @@ def _stage(args) -> int:
 
 
 def _predict(args) -> int:
+    import json
+
     from kflift.components.serve import predict_files
+    from kflift.pipeline.config import AugmentConfig
 
     if not Path(args.model, "saved_model.pb").is_file():
         print(f"kflift: {args.model} is not a serving model (no saved_model.pb)", file=sys.stderr)
         return 1
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        print(f"kflift: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
+    if args.batch_size < 1:
+        print("kflift: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+
+    def paths():  # lazily: argv, and stdin in place of each "-"
+        for arg in args.images:
+            if arg == "-":
+                yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+            else:
+                yield arg
+
+    results = predict_files(args.model, paths(), batch_size=args.batch_size,
+                            max_pixels=AugmentConfig().max_pixels)  # the limit training applied
+    total = failed = 0
+    for path, s in results:
+        total += 1
+        failed += bool(s.error)
+        if args.output == "json":
+            record = {"path": path, "error": s.error} if s.error else {
+                "path": path, "label": s.label, "probability": s.probability,
+                "probabilities": dict(zip(s.classes, s.probabilities)) if s.classes else list(s.probabilities)}
+            print(json.dumps(record))
+        elif s.error:
+            print(f"{path}\terror\t{' '.join(s.error.split())}")
+        else:
+            print(f"{path}\t{s.label}\t{s.probability:.4f}")
+    if failed:
+        print(f"kflift: {failed} of {total} image(s) could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from kflift.components.tracking import TrackingError, default_tracking_uri, resolve_model
+    from kflift.pipeline.config import EvaluateConfig
+
+    uri = args.tracking_uri or default_tracking_uri(args.output)
+    model = args.model or f"models:/{EvaluateConfig().registry_name}@champion"
+    try:
+        what = resolve_model(uri, model)
+    except TrackingError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
         return 1
-    for path, label, prob in predict_files(args.model, args.images):
-        print(f"{path}\t{label}\t{prob:.4f}")
-    return 0
+    print(f"Scoring server: http://127.0.0.1:{args.port}/invocations  ({what}, store {uri}; Ctrl-C to stop)",
+          flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    # MLflow starts `uvicorn` by name: this environment's bin/ goes first on PATH, even when kflift
+    # was called by its path without the environment activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # Become the scoring server, so Ctrl-C or a stop signal reaches it directly (no orphan left).
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
 def _submit(args) -> int:
@@ -302,8 +379,47 @@ def _images(args) -> int:
     return 0
 
 
+def _store(args) -> str:
+    from kflift.components.tracking import default_tracking_uri
+
+    return args.tracking_uri or default_tracking_uri(args.output)
+
+
+def _runs(args) -> int:
+    from kflift.components.tracking import pipeline_runs
+
+    rows = pipeline_runs(_store(args), args.experiment, args.limit)
+    if not rows:
+        print(f"no pipeline runs in experiment {args.experiment} of {_store(args)}")
+        return 0
+    print(f"{'run id':<24} {'started':<16} {'status':<9} {'winner':<15} score")
+    for r in rows:
+        score = f"{r['metric']} {r['score']:.3f}" if r["score"] is not None else ""
+        print(f"{r['run_id']:<24} {r['started']:<16} {r['status']:<9} {r['winner'] or '-':<15} {score}")
+    return 0
+
+
+def _show(args) -> int:
+    from kflift.components.tracking import TrackingError, find_pipeline_run
+
+    try:
+        run = find_pipeline_run(_store(args), args.experiment, args.run_id)
+    except TrackingError as exc:
+        print(f"kflift: {exc}", file=sys.stderr)
+        return 1
+    print(f"run {run['run_id']}  started {run['started']}  {run['status']}  (MLflow run {run['mlflow_run_id']})")
+    print("stages: " + ", ".join(f"{name} {stage['status'].lower()}" for name, stage in run["stages"].items()))
+    print(f"\n{run['comparison'] or '(no evaluation yet)'}")
+    for name, uri in run["artifacts"].items():
+        print(f"{name + ':':<15} {uri}")
+    summary = Path(args.output) / "runs" / run["run_id"] / "summary.json"
+    if summary.is_file():
+        print(f"{'summary:':<15} {summary}")
+    return 0
+
+
 COMMANDS = {"run": _run, "stage": _stage, "predict": _predict, "compile": _compile, "submit": _submit,
-            "ui": _ui, "server": _server, "images": _images}
+            "ui": _ui, "server": _server, "serve": _serve, "images": _images, "runs": _runs, "show": _show}
 
 if __name__ == "__main__":
     sys.exit(main())

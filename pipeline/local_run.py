@@ -1,20 +1,19 @@
 """Run the pipeline on this machine with kfp.local, tracked under one MLflow parent run."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
+import re
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from kflift.components import tracking
 from kflift.components.data import (DataError, list_images, publish_dir, staging_dir, write_digits_folder,
                                     write_json)
-from kflift.pipeline.config import Config
+from kflift.pipeline.config import NO_SOURCE_NOTE, NO_TRANSFER, Config
+from kflift.pipeline.console import RunConsole
 
 
 class StageFailed(RuntimeError):
@@ -47,29 +46,6 @@ def saved_config(run_dir: Path) -> Config:
     return Config.model_validate(json.loads(path.read_text()))
 
 
-class _Tee(io.TextIOBase):
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for stream in self.streams:
-            stream.write(text)
-            stream.flush()  # the log is whole up to the moment of a kill
-        return len(text)
-
-    def flush(self):
-        for stream in self.streams:
-            stream.flush()
-
-
-@contextlib.contextmanager
-def _tee(path: Path):
-    """Copy this process's output (kfp.local prints every stage's output lines) into the run log."""
-    with path.open("a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)), \
-            contextlib.redirect_stderr(_Tee(sys.stderr, log)):
-        yield
-
-
 def _failure(tracking_uri: str, parent: str, exc: BaseException, log: Path, run_id: str, output: Path) -> str:
     """One message: the failed stage, its input, the cause, where its log is, how to resume. Marks
     the parent run FAILED (its stage run already is)."""
@@ -96,18 +72,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resume: str | None = None) -> dict:
+def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resume: str | None = None,
+              console: RunConsole | None = None) -> dict:
     """Execute the whole DAG locally; returns the summary (also written as summary.json).
 
     Finished stages come from the step cache under `<output>/cache` (`cache=False` runs every stage
     afresh, still storing the results). `resume` continues that run id in its folder with its saved
     config and MLflow parent run: finished stages are cache hits, training goes on from its last
-    checkpoint.
+    checkpoint. `console` shows the stages as they go (default: one on stdout); everything the run
+    prints goes to `runs/<run id>/run.log`.
     """
     import kfp.local
 
     from kflift.pipeline.pipeline import make_pipeline
 
+    console = console or RunConsole()
     output = Path(cfg.output).resolve()
     if resume:
         run_id, run_dir = resume, output / "runs" / resume
@@ -124,61 +103,101 @@ def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resum
         kfp_runner = docker_runner(client, [output], [data_dir, source_dir], tracking_uri)
     else:
         kfp_runner = kfp.local.SubprocessRunner(use_venv=False)
-    print(f"run id: {run_id}", flush=True)
-    if resume:
-        parent = tracking.resume_parent_run(tracking_uri, cfg.experiment, run_id)
-    else:
-        parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
-                                           {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
-    run_dir.mkdir(parents=True, exist_ok=bool(resume))  # once the parent run exists: a store error leaves none
-    write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))  # what --resume runs again
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the stages' logs without TF's C++ chatter
-    kfp.local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"))
+    console.say(f"run id: {run_id}")
+    if cfg.transfer.weights == NO_TRANSFER:
+        console.say(NO_SOURCE_NOTE)
     log = run_dir / LOG_FILE
-    start = time.time()
-    try:
-        with _tee(log):
-            task = make_pipeline(cfg)(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
-                                      parent_run_id=parent, run_id=run_id, cache_dir=str(output / "cache"),
-                                      cache_mode="use" if cache else "refresh")
-    except BaseException as exc:
-        raise StageFailed(_failure(tracking_uri, parent, exc, log, run_id, output)) from None
-    wall = time.time() - start
-    runs = tracking.stage_runs(tracking_uri, parent)
-    failed = [s for s, r in runs.items() if r["status"] != "FINISHED"]
-    if failed:  # KFP's DockerRunner may report a removed container's failure as success
-        tracking.end_run(tracking_uri, parent, "FAILED")
-        raise StageFailed(f"stage {', '.join(failed)} failed. Its log is above; outputs so far are under {run_dir}")
-    evaluation = Path(task.output.path)
-    report = json.loads((evaluation / "report.json").read_text())
-    stages = {s: r["metrics"].get(tracking.PROCESS_SECONDS) for s, r in runs.items()}
-    summary = {
-        "run_id": run_id,
-        "mlflow_run_id": parent,
-        "tracking_uri": tracking_uri,
-        "data": data_dir,
-        "stages": stages,
-        "cached": sorted(s for s, r in runs.items() if tracking.CACHED_FROM_TAG in r["tags"]),
-        "stage_work_seconds": {s: r["metrics"].get(tracking.STAGE_SECONDS) for s, r in runs.items()},
-        "wall_seconds": wall,
-        "orchestration_overhead": (wall - sum(v or 0 for v in stages.values())) / wall,
-        "candidates": report["candidates"],
-        "gate": report["gate"],
-        "winner": report["winner"],
-        "champion_model": str(evaluation / "champion") if report["winner"] else None,
-        "serving": str(run_dir / "serving") if report["winner"] else None,
-    }
-    if report["winner"]:
-        work = staging_dir(run_dir / "serving")
-        shutil.copytree(evaluation / "serving", work, dirs_exist_ok=True)
-        publish_dir(work, run_dir / "serving")  # replaces a resumed run's earlier copy
-    write_json(run_dir / "summary.json", summary)
-    tracking.log_summary(tracking_uri, parent, run_dir / "summary.json",
-                         {"wall_seconds": wall, **{f"{report['winner']}.{k}": v for k, v in
-                                                   report["candidates"].get(report["winner"] or "", {}).items()}})
-    tracking.end_run(tracking_uri, parent, "FINISHED")
+    with console.capture():  # MLflow's, kfp.local's and every stage's output: into the log
+        if resume:
+            parent = tracking.resume_parent_run(tracking_uri, cfg.experiment, run_id)
+        else:
+            parent = tracking.start_parent_run(tracking_uri, cfg.experiment, run_id,
+                                               {"data": data_dir, **cfg.model_dump(mode="json", exclude={"data"})})
+        run_dir.mkdir(parents=True, exist_ok=bool(resume))  # once the parent run exists: a store error leaves none
+        console.log_to(log)
+        write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))  # what --resume runs again
+        # Fewer of TensorFlow's C++ lines in the stages' output (its start-up lines before absl's log is
+        # initialized, cuInit errors among them, ignore this: they reach run.log, never the console).
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        kfp.local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"))
+        start = time.time()
+        try:
+            pipeline = make_pipeline(cfg)
+            console.plan(planned_stages(pipeline))
+            task = pipeline(data_dir=data_dir, source_dir=source_dir, tracking_uri=tracking_uri,
+                            parent_run_id=parent, run_id=run_id, cache_dir=str(output / "cache"),
+                            cache_mode="use" if cache else "refresh")
+        except BaseException as exc:
+            raise StageFailed(_failure(tracking_uri, parent, exc, log, run_id, output)) from None
+        wall = time.time() - start
+        runs = tracking.stage_runs(tracking_uri, parent)
+        failed = [s for s, r in runs.items() if r["status"] != "FINISHED"]
+        if failed:  # KFP's DockerRunner may report a removed container's failure as success
+            tracking.end_run(tracking_uri, parent, "FAILED")
+            raise StageFailed(f"stage {', '.join(failed)} failed. Log: {log}; outputs so far are under {run_dir}")
+        evaluation = Path(task.output.path)
+        report = json.loads((evaluation / "report.json").read_text())
+        stages = {s: r["metrics"].get(tracking.PROCESS_SECONDS) for s, r in runs.items()}
+        summary = {
+            "run_id": run_id,
+            "mlflow_run_id": parent,
+            "tracking_uri": tracking_uri,
+            "data": data_dir,
+            "stages": stages,
+            "cached": sorted(s for s, r in runs.items() if tracking.CACHED_FROM_TAG in r["tags"]),
+            "stage_work_seconds": {s: r["metrics"].get(tracking.STAGE_SECONDS) for s, r in runs.items()},
+            "wall_seconds": wall,
+            "orchestration_overhead": (wall - sum(v or 0 for v in stages.values())) / wall,
+            "candidates": report["candidates"],
+            "gate": report["gate"],
+            "winner": report["winner"],
+            "champion_model": str(evaluation / "champion") if report["winner"] else None,
+            "serving": str(run_dir / "serving") if report["winner"] else None,
+        }
+        if report["winner"]:
+            work = staging_dir(run_dir / "serving")
+            shutil.copytree(evaluation / "serving", work, dirs_exist_ok=True)
+            publish_dir(work, run_dir / "serving")  # replaces a resumed run's earlier copy
+        write_json(run_dir / "summary.json", summary)
+        tracking.log_summary(tracking_uri, parent, run_dir / "summary.json",
+                             {"wall_seconds": wall, **{f"{report['winner']}.{k}": v for k, v in
+                                                       report["candidates"].get(report["winner"] or "", {}).items()}})
+        tracking.end_run(tracking_uri, parent, "FINISHED")
     summary["path"] = str(run_dir / "summary.json")
+    summary["log"] = str(log)
+    summary["comparison"] = str(evaluation / "comparison.md")
     return summary
+
+
+# Stages that name themselves (their component takes no `stage` argument), by kind of task.
+SELF_NAMED = {"evaluate": "evaluate", "select-best": "sweep-select"}
+
+
+def planned_stages(pipeline) -> list[str]:
+    """The stage names a pipeline runs, in kfp.local's order: each task's `stage` argument, a
+    ParallelFor point's own names (`<kind>_stage` in the point), and the stages that name themselves."""
+    from kfp.local import graph_utils
+
+    spec = pipeline.pipeline_spec
+
+    def names(dag, point: dict) -> list[str]:
+        found = []
+        order = graph_utils.topological_sort_tasks(dag.tasks)
+        while order:  # kfp.local pops its tasks from the end
+            task = dag.tasks[order.pop()]
+            component = spec.components[task.component_ref.name]
+            if component.HasField("dag"):
+                raw = task.parameter_iterator.items.raw if task.HasField("parameter_iterator") else ""
+                for item in json.loads(raw) if raw else [{}]:
+                    found += names(component.dag, item)
+                continue
+            kind = re.sub(r"-step(-\d+)?$", "", task.component_ref.name.removeprefix("comp-"))
+            given = task.inputs.parameters["stage"].runtime_value.constant.string_value \
+                if "stage" in task.inputs.parameters else SELF_NAMED.get(kind, kind)
+            found.append(point.get(f"{kind}_stage", given))
+        return found
+
+    return names(spec.root.dag, {})
 
 
 def docker_engine(cfg: Config):

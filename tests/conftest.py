@@ -85,6 +85,9 @@ def compiled(tmp_path: Path, *sets: str) -> tuple[dict, dict]:
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
+# The digits demo's transfer source, named: with --data the digits' default source does not apply.
+DIGITS_SOURCE = ["--set", "transfer.source_classes=0,1,2,3,4"]
+
 # A small but complete run: every stage, a couple of epochs each.
 FAST = ["--set", "train.epochs=2", "--set", "transfer.pretrain_epochs=2", "--set", "transfer.frozen_epochs=1",
         "--set", "transfer.finetune_epochs=1", "--set", "augment.copies=1", "--set", "augment.shards=1"]
@@ -97,7 +100,8 @@ def digits_run(tmp_path_factory, tiny_digits) -> tuple[subprocess.CompletedProce
     on from its cache (test_reliability, which adds runs to its store: under pytest-xdist it is in a
     group of its own, so its worker makes its own run; in one process it runs after the others)."""
     out = tmp_path_factory.mktemp("digits-run") / "out"
-    return kflift("run", "--output", str(out), "--data", str(tiny_digits), *FAST, timeout=1800), out
+    return kflift("run", "--output", str(out), "--data", str(tiny_digits), *FAST, *DIGITS_SOURCE,
+                  timeout=1800), out
 
 
 def finished_stage_runs(client, summary: dict) -> dict:

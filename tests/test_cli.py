@@ -31,10 +31,9 @@ def test_class_folders_without_images(tmp_path):
     assert_clean_failure(proc, "hold no files", "['a', 'b']")
 
 
-def test_source_classes_must_exist_in_the_data(tmp_path, cifar_dir):
+def test_named_source_classes_must_exist_in_the_data(tmp_path, cifar_dir):
     data = copy_subset(cifar_dir, tmp_path / "data", ["truck", "automobile"], 3)
-    proc = kflift("run", "--data", str(data), "--output", str(tmp_path / "out"))
-    # the digits demo's default source (classes 0-4) is not in this folder
+    proc = kflift("run", "--data", str(data), "--output", str(tmp_path / "out"), "--set", "transfer.source_classes=0,1")
     assert_clean_failure(proc, "are not sub-folders", "'0'")
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, REPO, kflift
+from conftest import DIGITS_SOURCE, FAST, REPO, kflift
 
 # One pytest-xdist worker runs these with the digits case of test_e2e: they share one digits run.
 pytestmark = pytest.mark.xdist_group("digits-run")
@@ -97,13 +97,14 @@ def stage_records(out):
 
 
 def test_whole_dag_in_containers_matches_the_subprocess_run(image, engine, tiny_digits, digits_run, tmp_path):
-    args = ["--data", str(tiny_digits), *IMAGES, *FAST]
+    args = ["--data", str(tiny_digits), *IMAGES, *FAST, *DIGITS_SOURCE]
     done = timed("docker DAG run")
     proc = kflift("run", "--runner", "docker", "--output", str(tmp_path / "docker"), *args, timeout=1800)
     done()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "docker runner: user" in proc.stdout and "host network" in proc.stdout
-    assert len(re.findall(rf"Found image '{IMAGE}'", proc.stdout)) == 10  # every stage ran in the image
+    run_log = next((tmp_path / "docker" / "runs").glob("*/run.log")).read_text()  # kfp.local's lines land there
+    assert len(re.findall(rf"Found image '{IMAGE}'", run_log)) == 10  # every stage ran in the image
     assert not engine.containers.list(all=True, filters={"ancestor": IMAGE})  # each removed after its stage
 
     ref, ref_out = digits_run  # the same data and settings in subprocesses (shared with test_e2e)

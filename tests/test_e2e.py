@@ -67,3 +67,34 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, request, tmp_path):
         assert version.run_id == by_stage["evaluate"].info.run_id
         assert version.tags["kflift.candidate"] == summary["winner"]
         assert (out / "runs" / run_id / "serving" / "saved_model.pb").exists()
+
+
+@pytest.mark.xdist_group("digits-run")
+def test_the_console_shows_each_stage_and_the_winner_and_the_log_holds_the_rest(digits_run):
+    """A default run in a pipe: one plain line per stage state, the comparison, the winner and
+    where to look, well under 60 lines; kfp.local's dumps and the stages' own output only in run.log."""
+    proc, out = digits_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert len(console.splitlines()) < 60, console
+    assert "\r" not in console and "\x1b[" not in console  # no redraws, no colours in a pipe
+    run_id = re.search(r"^run id: (\S+)$", proc.stdout, re.M).group(1)
+    run_dir = (out / "runs" / run_id).resolve()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for stage in summary["stages"]:  # every stage's final state, its time and (but for build) its figure
+        assert re.search(rf"^{re.escape(stage)}: (done|cached) in \d+(\.\d)?s", proc.stdout, re.M), stage
+    assert re.search(r"^augment: (done|cached) in .*, [\d,]+ images written$", proc.stdout, re.M)
+    assert re.search(r"^train-baseline: (done|cached) in .*, val accuracy \d\.\d{3}$", proc.stdout, re.M)
+    if summary["winner"]:
+        accuracy = summary["candidates"][summary["winner"]]["accuracy"]
+        assert re.search(rf"^evaluate: (done|cached) in .*, winner {summary['winner']}, test accuracy "
+                         rf"{accuracy:.3f}$", proc.stdout, re.M)
+    assert f"winner: {summary['winner']} (" in proc.stdout
+    assert re.search(r"^\| candidate \| accuracy \|", proc.stdout, re.M)  # the comparison table
+    assert f"log: {run_dir / 'run.log'}" in proc.stdout and f"summary: {run_dir / 'summary.json'}" in proc.stdout
+    for noise in ("Got executor_input", "Executing task", "cuInit", "kflift-progress", "Epoch 1/"):
+        assert noise not in console, noise
+    log = (run_dir / "run.log").read_text()
+    assert "Got executor_input" in log and "Executing task" in log  # kfp.local's executor dumps
+    assert "evaluate: running (fingerprint" in log and "kflift-progress" in log  # the stages' own lines
+    assert re.search(r"kflift-progress \{\"stage\": \"train-baseline\", \"epoch\": 2, \"epochs\": 2", log)

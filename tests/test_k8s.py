@@ -28,7 +28,9 @@ INSTALL_HINT = ("python3.11 -m venv .venv/tools && "
 TARGETS = ["base", "overlays/kind", "overlays/minikube", "overlays/gpu"]  # the tracking stack
 # The data volume (PV + PVC kflift-data) lives where the pipeline's pods run: namespace kubeflow.
 DATA_TARGETS = ["data/kind", "data/minikube"]
-ALL_TARGETS = TARGETS + DATA_TARGETS
+# The champion's scoring server: an add-on applied to a running stack (namespace kflift).
+SERVING_TARGETS = ["serving"]
+ALL_TARGETS = TARGETS + DATA_TARGETS + SERVING_TARGETS
 K8S_VERSIONS = ["1.30.0", "1.33.0"]  # oldest supported and the kind node image's minor
 NAMESPACE = "kflift"
 DATA_NAMESPACE = "kubeflow"
@@ -234,10 +236,10 @@ def test_checkov_dockerfiles():
 
 # ----------------------------------------------------------------------------- project rules
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", TARGETS + SERVING_TARGETS)
 def test_every_pod_and_container_is_hardened(rendered, target):
     specs = list(pod_specs(rendered[target]))
-    assert len(specs) >= 2
+    assert len(specs) >= (1 if target in SERVING_TARGETS else 2)
     for obj, spec, _ in specs:
         where = f"k8s/{target} {obj['kind']}/{obj['metadata']['name']}"
         pod_sc = spec.get("securityContext", {})
@@ -388,6 +390,55 @@ def test_no_secret_is_rendered_or_committed(rendered, target):
     example = yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())
     assert example["metadata"]["name"] == "kflift-postgres"
     assert "CHANGE-ME" in example["stringData"]["password"]
+
+
+def test_serving_runs_the_champion_from_the_in_cluster_mlflow(rendered):
+    """k8s/serving: `mlflow models serve` of the registered champion, pulled from the in-cluster
+    MLflow, in the kflift CPU image behind a ClusterIP Service; egress only to MLflow :5000 and
+    DNS, whose ingress policy admits it; its own port only from kflift pods."""
+    try:  # the pipeline's own defaults when kflift is importable, the documented values otherwise
+        from kflift.pipeline.config import ClusterConfig, EvaluateConfig
+        tracking_uri, registry = ClusterConfig().tracking_uri, EvaluateConfig().registry_name
+    except ImportError:
+        tracking_uri, registry = "http://kflift-mlflow.kflift:5000", "kflift-classifier"
+    docs = rendered["serving"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("Deployment", "kflift-serving"), ("NetworkPolicy", "serving-egress"), ("NetworkPolicy", "serving-ingress"),
+        ("Service", "kflift-serving"), ("ServiceAccount", "kflift-serving")]
+    for d in docs:
+        assert d["metadata"]["namespace"] == NAMESPACE
+        assert d["metadata"]["labels"].get("app.kubernetes.io/part-of") == "kflift"
+    dep = one(docs, "Deployment", "kflift-serving")
+    spec, labels = dep["spec"]["template"]["spec"], dep["spec"]["template"]["metadata"]["labels"]
+    c = spec["containers"][0]
+    cmd = c["command"] + c["args"]
+    assert cmd[:3] == ["mlflow", "models", "serve"]
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert flags["--model-uri"] == f"models:/{registry}@champion"
+    assert flags["--env-manager"] == "local" and flags["--host"] == "0.0.0.0"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == tracking_uri
+    assert re.fullmatch(r"kflift-cpu:[\w.-]+", c["image"]), c["image"]
+    svc = one(docs, "Service", "kflift-serving")["spec"]
+    assert selects({"matchLabels": svc["selector"]}, labels) and svc["type"] == "ClusterIP"
+    assert [p["containerPort"] for p in c["ports"]] == [int(flags["--port"])]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] in ("/ping", "/health"), probe
+    # MLflow (as the tracking stack deploys it) admits the scoring pod ...
+    stack = rendered["base"]
+    mlflow_labels = one(stack, "Deployment", "kflift-mlflow")["spec"]["template"]["metadata"]["labels"]
+    mlflow_rule = one(stack, "NetworkPolicy", "mlflow-ingress")["spec"]["ingress"][0]
+    assert any(selects(peer.get("podSelector"), labels) for peer in mlflow_rule["from"] if "podSelector" in peer)
+    # ... which may talk to MLflow :5000 and DNS only
+    egress = one(docs, "NetworkPolicy", "serving-egress")["spec"]
+    assert selects(egress["podSelector"], labels) and egress["policyTypes"] == ["Egress"]
+    to_mlflow, to_dns = egress["egress"]
+    assert [p["port"] for p in to_mlflow["ports"]] == [5000]
+    assert all(selects(peer["podSelector"], mlflow_labels) and "namespaceSelector" not in peer for peer in to_mlflow["to"])
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+    ingress = one(docs, "NetworkPolicy", "serving-ingress")["spec"]
+    assert selects(ingress["podSelector"], labels)
+    assert [p["port"] for rule in ingress["ingress"] for p in rule["ports"]] == [int(flags["--port"])]
 
 
 def test_local_overlays_expose_mlflow_on_the_kind_port_mapping(rendered):

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, kflift
+from conftest import DIGITS_SOURCE, FAST, kflift
 
 # Its own pytest-xdist worker (and digits run, which these tests go on adding runs to).
 pytestmark = pytest.mark.xdist_group("reliability")
-CONFIG = FAST  # the shared digits run's settings: its output folder and cache are the first run's
+CONFIG = FAST + DIGITS_SOURCE  # the shared digits run's settings: its output folder and cache are the first run's
 TRAIN_ONWARD = {"train-baseline", "train-regularized", "train-backbone", "finetune", "evaluate"}
 UPSTREAM = {"augment", "augment-source", "build-baseline", "build-regularized", "build-backbone"}
 
@@ -229,8 +229,7 @@ def test_a_failing_stage_names_itself_its_input_the_cause_and_the_log(tmp_path):
         for i in range(3):
             (data / c / f"{i}.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    proc = kflift("run", "--data", str(data), "--output", str(out), "--set", "transfer.weights=imagenet",
-                  *CONFIG)
+    proc = kflift("run", "--data", str(data), "--output", str(out), *FAST)
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
     run_id = run_id_of(proc.stdout)

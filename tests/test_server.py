@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import finished_stage_runs, kflift
+from conftest import DIGITS_SOURCE, finished_stage_runs, kflift
 from kflift.pipeline.server import Cluster, create_database, free_port
 from test_e2e import STAGES
 
@@ -99,7 +99,8 @@ def test_pipeline_tracks_into_the_server_on_postgres(postgres, open_dir, tiny_di
     uri = f"http://127.0.0.1:{port}"
     try:
         out = tmp_path / "out"
-        run = kflift("run", "--data", str(tiny_digits), "--output", str(out), "--tracking-uri", uri, *TINY)
+        run = kflift("run", "--data", str(tiny_digits), "--output", str(out), "--tracking-uri", uri, *TINY,
+                     *DIGITS_SOURCE)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert f"MLflow: {uri}" in run.stdout
         run_id = re.search(r"^run id: (\S+)$", run.stdout, re.M).group(1)
