@@ -85,6 +85,27 @@ def compiled(tmp_path: Path, *sets: str) -> tuple[dict, dict]:
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
+def broken_image_folder(data: Path) -> Path:
+    """Two classes of files that are not images: augment fails at once (no valid image)."""
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            (data / c / f"{i}.png").write_bytes(b"not an image")
+    return data
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """A server started with start_new_session and its workers: SIGTERM, then SIGKILL after 30 s."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 # The digits demo's transfer source, named: with --data the digits' default source does not apply.
 DIGITS_SOURCE = ["--set", "transfer.source_classes=0,1,2,3,4"]
 

@@ -1,7 +1,7 @@
 """The CLI refuses bad input with one clear line and a non-zero exit, never a stack trace."""
 import pytest
 
-from conftest import copy_subset, kflift
+from conftest import copy_subset, kflift, stop_process_group
 
 
 def assert_clean_failure(proc, *needles):
@@ -79,14 +79,7 @@ def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
                 time.sleep(0.5)  # polling the server's start-up, bounded by the deadline
         assert status == 200
     finally:  # the server and its workers: the whole process group
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the workers exit after their parent; wait for the port
         with socket.socket() as s:

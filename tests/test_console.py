@@ -246,13 +246,9 @@ def test_the_planned_stages_are_those_the_pipeline_runs():
 
 def test_verbose_streams_the_executor_logs_and_a_failure_still_ends_with_its_reason_and_log(tmp_path):
     """A real `kflift run -v` that fails fast in augment (no valid image)."""
-    from conftest import kflift
+    from conftest import broken_image_folder, kflift
 
-    data = tmp_path / "broken"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(3):
-            (data / c / f"{i}.png").write_bytes(b"not an image")
+    data = broken_image_folder(tmp_path / "broken")
     out = tmp_path / "out"
     proc = kflift("run", "-v", "--data", str(data), "--output", str(out), "--set", "transfer.weights=imagenet",
                   timeout=600)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DIGITS_SOURCE, FAST, kflift
+from conftest import DIGITS_SOURCE, FAST, broken_image_folder, kflift
 
 # Its own pytest-xdist worker (and digits run, which these tests go on adding runs to).
 pytestmark = pytest.mark.xdist_group("reliability")
@@ -223,11 +223,7 @@ def test_mlflow_store_down_or_unwritable_is_a_clear_error_and_loses_nothing(firs
 
 
 def test_a_failing_stage_names_itself_its_input_the_cause_and_the_log(tmp_path):
-    data = tmp_path / "broken"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(3):
-            (data / c / f"{i}.png").write_bytes(b"not an image")
+    data = broken_image_folder(tmp_path / "broken")
     out = tmp_path / "out"
     proc = kflift("run", "--data", str(data), "--output", str(out), *FAST)
     assert proc.returncode == 1

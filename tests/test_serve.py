@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kflift
+from conftest import kflift, stop_process_group
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker builds the champion once
 
@@ -181,12 +180,7 @@ def test_scoring_server_answers_invocations_like_predict(champion, predicted):
         with urllib.request.urlopen(request, timeout=120) as resp:
             rows = json.loads(resp.read())["predictions"]
     finally:  # the server and its uvicorn worker: the whole process group
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
     expected = good_predictions(predicted)
     assert len(rows) == 3
     for path, row in zip(paths, rows):
