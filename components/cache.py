@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -28,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kflift.components.data import list_images, publish_dir, write_json
+from kflift.components.data import file_lock, list_images, publish_dir, write_json
 
 FINGERPRINT = "kflift.fingerprint"  # key in an output artifact's KFP metadata
 ENTRY_FILE = "entry.json"
@@ -143,16 +142,9 @@ class StageCache:
         if not self.on:
             yield
             return
-        with open(self.root / f"{self.key}.lock", "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"{stage}: another run is computing fingerprint {self.key[:12]}; waiting for it", flush=True)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(self.root / f"{self.key}.lock",
+                       waiting=f"{stage}: another run is computing fingerprint {self.key[:12]}; waiting for it"):
+            yield
 
     def lookup(self) -> dict | None:
         """The stored entry ({result, producer, stage}) when this key is done and reads are on."""

@@ -5,6 +5,7 @@ and the model stages use Keras 3.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -124,6 +125,28 @@ def staging_dir(output: str | Path) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-partial-"))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, waiting: str = ""):
+    """Hold an exclusive flock on `path` (created if missing) for the block: one process at a time.
+    The OS releases it when its holder dies, kill -9 included, so a crash never leaves a stale lock.
+    `waiting` is printed when another process holds it, before waiting for it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 MODEL_FILE = "model.keras"

@@ -76,16 +76,11 @@ def _sqlite_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from kflift.components.data import file_lock
 
     db = Path(tracking_uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def start_parent_run(tracking_uri: str, experiment: str, run_id: str, params: dict) -> str:

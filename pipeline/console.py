@@ -342,6 +342,8 @@ class RunConsole:
             self.say(f"log: {summary['log']}")
         if summary["serving"]:
             self.say(f"serving model: {summary['serving']}  (kflift predict --model {summary['serving']} IMAGE...)")
+            where = "" if summary["tracking_uri"].startswith("sqlite:") else f" --tracking-uri {summary['tracking_uri']}"
+            self.say(f"scoring server for the registered champion: kflift serve --output {output}{where}")
         if summary["tracking_uri"].startswith("sqlite:"):
             self.say(f"MLflow: kflift ui --output {output}  (or `make ui`), then open http://127.0.0.1:5000")
         else:

@@ -67,6 +67,25 @@ def source_dataset(tmp_path_factory, tiny_cifar) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, its tables made once: making them (MLflow's migrations) takes seconds."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{db}", (db.parent / "mlartifacts").as_uri())
+    return db
+
+
+@pytest.fixture
+def sqlite_tracking_uri(tmp_path, mlflow_store_template) -> str:
+    """A fresh SQLite tracking store in tmp_path (a copy of the template), as `kflift run` makes one there."""
+    from kflift.components.tracking import default_tracking_uri
+
+    shutil.copy(mlflow_store_template, tmp_path / "mlflow.db")
+    return default_tracking_uri(tmp_path)
+
+
 def kflift(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user runs it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -74,14 +93,33 @@ def kflift(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
+_COMPILED: dict = {}  # (working folder, its last image build, sets) -> the pipeline YAML
+
+
 def compiled(tmp_path: Path, *sets: str) -> tuple[dict, dict]:
-    """`kflift compile` with these `--set`s: the pipeline spec and its Kubernetes platform spec."""
+    """`kflift compile` with these `--set`s: the pipeline spec and its Kubernetes platform spec.
+    The CLI's own entry point, in this process (a child process per compile costs a second of
+    imports), once per session for the same arguments; each caller gets its own parsed copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import yaml
 
+    from kflift.pipeline.cli import main
+
     out = tmp_path / "pipeline.yaml"
-    proc = kflift("compile", "-o", str(out), *[arg for s in sets for arg in ("--set", s)])
-    assert proc.returncode == 0, proc.stderr
-    docs = list(yaml.safe_load_all(out.read_text()))
+    last_build = Path("kflift-output") / "images.json"  # the default output's: compile reads it
+    key = (os.getcwd(), last_build.read_text() if last_build.is_file() else None, sets)
+    if key in _COMPILED:
+        out.write_text(_COMPILED[key])
+    else:
+        # In a thread of its own: KFP calls inspect.stack() for every task, and under pytest the deep
+        # stack's frames without a source file (<frozen runpy>, xdist's <string>) each cost a walk over
+        # every loaded module (thousands, once TensorFlow is in), seconds per compile.
+        with ThreadPoolExecutor(1) as thread:
+            args = ["compile", "-o", str(out), *[arg for s in sets for arg in ("--set", s)]]
+            assert thread.submit(main, args).result() == 0
+        _COMPILED[key] = out.read_text()
+    docs = list(yaml.load_all(_COMPILED[key], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 

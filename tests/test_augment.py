@@ -68,6 +68,7 @@ def read_records(out: Path, split: str) -> list[dict]:
             for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
 
 
+@pytest.mark.slow
 def test_every_bad_kind_is_quarantined_with_its_reason(messy_run, messy_folder):
     result, out = messy_run
     stats = result["meta"]["stats"]
@@ -80,6 +81,7 @@ def test_every_bad_kind_is_quarantined_with_its_reason(messy_run, messy_folder):
     assert all(Path(q["path"]).is_absolute() or (messy_folder / q["label"]).exists() for q in quarantine)
 
 
+@pytest.mark.slow
 def test_modes_are_converted_duplicates_kept_once_and_counts_add_up(messy_run, messy_folder):
     stats = messy_run[0]["meta"]["stats"]
     n_files = sum(len(list((messy_folder / c).iterdir())) for c in ("automobile", "truck"))
@@ -89,6 +91,7 @@ def test_modes_are_converted_duplicates_kept_once_and_counts_add_up(messy_run, m
     assert stats["written"]["originals"] == 20 + 5  # the good ones (the duplicate once) and the converted
 
 
+@pytest.mark.slow
 def test_k_copies_per_training_image_keep_their_label_and_change_pixels(messy_run):
     _, out = messy_run
     train = read_records(out, "train")
@@ -103,6 +106,7 @@ def test_k_copies_per_training_image_keep_their_label_and_change_pixels(messy_ru
         assert not any(b"-aug" in r["key"] for r in read_records(out, split))
 
 
+@pytest.mark.slow
 def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
     _, first = messy_run
     run_augment(messy_folder, tmp_path / "again")
@@ -113,6 +117,7 @@ def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
         assert content(first, split) == content(tmp_path / "again", split)
 
 
+@pytest.mark.slow
 def test_split_is_stable_when_the_folder_grows(messy_run, messy_folder, cifar_dir, tmp_path):
     _, first = messy_run
     grown = copy_subset(cifar_dir, tmp_path / "grown", ["automobile", "truck"], 16)
@@ -122,7 +127,26 @@ def test_split_is_stable_when_the_folder_grows(messy_run, messy_folder, cifar_di
     shared = {hashlib.sha256(p.read_bytes()).hexdigest().encode() for p in grown.rglob("*.jpg")}
     for s in ("val", "test"):
         assert before[s] & shared <= after[s]
-    assert split_of("ab" * 32, 0.2, 0.3) == split_of("ab" * 32, 0.2, 0.3)
+
+
+def hash_at(fraction: float) -> str:
+    """A content hash whose first 12 hex digits lie `fraction` of the way through [0, 1)."""
+    return f"{int(fraction * 16**12):012x}" + "0" * 52
+
+
+def test_split_of_follows_the_hash_fraction_and_moves_only_across_the_changed_boundary():
+    # test is [0, test_fraction), val the next val_fraction, train the rest
+    expected = {0.0: "test", 0.29: "test", 0.31: "val", 0.49: "val", 0.51: "train", 0.999: "train"}
+    assert {u: split_of(hash_at(u), 0.2, 0.3) for u in expected} == expected
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    splits = [split_of(sha, 0.2, 0.3) for sha in shas]
+    for split, fraction in (("test", 0.3), ("val", 0.2), ("train", 0.5)):
+        assert abs(splits.count(split) / len(shas) - fraction) < 0.03
+    # a larger validation share takes images from train only; the test split stays as it was
+    wider = [split_of(sha, 0.25, 0.3) for sha in shas]
+    assert [s == "test" for s in wider] == [s == "test" for s in splits]
+    moved = [(a, b) for a, b in zip(splits, wider) if a != b]
+    assert moved and set(moved) == {("train", "val")}
 
 
 def test_augmentation_is_seeded_and_each_op_applies():
@@ -139,6 +163,7 @@ def test_augmentation_is_seeded_and_each_op_applies():
     assert np.array_equal(np.asarray(flipped), np.asarray(rgb)[:, ::-1])
 
 
+@pytest.mark.slow
 def test_training_and_serving_tensors_of_the_same_image_are_equal(messy_run, messy_folder):
     import tensorflow as tf
     import tensorflow_transform as tft
@@ -166,6 +191,10 @@ def test_bad_folders_stop_with_a_clear_error(tmp_path, cifar_dir):
     (empty / "ship").mkdir()
     with pytest.raises(DataError, match=r"class folder\(s\) \['ship'\] hold no files"):
         list_images(empty)
+
+
+@pytest.mark.slow
+def test_a_folder_without_a_valid_image_stops_augment_and_writes_nothing(tmp_path):
     junk = tmp_path / "junk"
     for c in ("a", "b"):
         (junk / c).mkdir(parents=True)
@@ -175,6 +204,7 @@ def test_bad_folders_stop_with_a_clear_error(tmp_path, cifar_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_csv_manifest_and_stage_cli(tmp_path, cifar_dir):
     lines = ["path,label"] + [f"{cifar_dir}/{c}/{i:04d}.jpg,{c}" for c in ("ship", "airplane") for i in range(8)]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")

@@ -52,6 +52,7 @@ def test_help_explains_every_option():
         assert option in proc.stdout
 
 
+@pytest.mark.slow
 def test_ui_serves_the_mlflow_store_on_loopback(tmp_path):
     """`kflift ui` starts the real MLflow UI and prints its URL."""
     import os

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.k8s  # the cluster script and its manifests: `make test` runs them
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "cluster-up.sh"
 KFP_TAG = "2.17.0"

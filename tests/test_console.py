@@ -107,8 +107,9 @@ def test_inside_a_stage_its_name_is_used_and_an_exception_is_reported(capsys, mo
     assert progress.STAGE_ENV not in __import__("os").environ
 
 
-def test_run_stage_reports_running_then_done_with_its_metrics_and_champion_or_failed(tmp_path, capsys):
-    uri = tracking.default_tracking_uri(tmp_path)
+def test_run_stage_reports_running_then_done_with_its_metrics_and_champion_or_failed(tmp_path, capsys,
+                                                                                     sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
     parent = tracking.start_parent_run(uri, "exp", "run-1", {})
     (tmp_path / "serving").mkdir()
     (tmp_path / "serving" / "saved_model.pb").write_bytes(b"x")
@@ -244,6 +245,7 @@ def test_the_planned_stages_are_those_the_pipeline_runs():
     assert swept.index("train-sweep-1") < swept.index("sweep-select")
 
 
+@pytest.mark.slow  # a real `kflift run` process
 def test_verbose_streams_the_executor_logs_and_a_failure_still_ends_with_its_reason_and_log(tmp_path):
     """A real `kflift run -v` that fails fast in augment (no valid image)."""
     from conftest import broken_image_folder, kflift

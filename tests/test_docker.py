@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import DIGITS_SOURCE, FAST, REPO, kflift
 
 # One pytest-xdist worker runs these with the digits case of test_e2e: they share one digits run.
-pytestmark = pytest.mark.xdist_group("digits-run")
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("digits-run")]
 BASE = os.environ.get("KFLIFT_BASE_IMAGE", "kflift-base:bookworm")
 IMAGE = "kflift-cpu:test"  # both flavours: the GPU base image cannot be pulled here
 IMAGES = ["--set", f"images.cpu={IMAGE}", "--set", f"images.gpu={IMAGE}"]

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.k8s  # manifest tools (kustomize, kubernetes-validate, checkov): `make test` runs them
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CONTAINERS = REPO / "containers"

@@ -1,9 +1,13 @@
 """A new user's own image folder: two classes, no transfer source named."""
 import json
 
+import pytest
+
 from conftest import FAST, copy_subset, kflift
 
 from kflift.pipeline.config import NO_SOURCE_NOTE
+
+pytestmark = pytest.mark.slow  # a whole pipeline run
 
 
 def test_own_data_without_a_source_runs_to_the_end_without_transfer(tmp_path, cifar_dir):

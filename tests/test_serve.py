@@ -20,7 +20,7 @@ import pytest
 
 from conftest import kflift, stop_process_group
 
-pytestmark = pytest.mark.xdist_group("serve")  # one worker builds the champion once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]  # one worker builds the champion once
 
 CHAMPION = "models:/kflift-classifier@champion"
 

@@ -90,6 +90,7 @@ def assert_port_free(port: int) -> None:
     raise AssertionError(f"something still listens on port {port}")
 
 
+@pytest.mark.slow
 def test_pipeline_tracks_into_the_server_on_postgres(postgres, open_dir, tiny_digits, tmp_path):
     cluster, pg_port = postgres
     backend = create_database(pg_port, "mlflow_test")
@@ -132,6 +133,7 @@ def test_pipeline_tracks_into_the_server_on_postgres(postgres, open_dir, tiny_di
     assert cluster.running_port() == pg_port  # the server leaves a PostgreSQL it did not start alone
 
 
+@pytest.mark.slow
 def test_server_starts_and_stops_its_own_postgres(open_dir, tmp_path):
     output = open_dir / "out"
     proc, port = start_server(["--output", str(output)], tmp_path / "server.log")

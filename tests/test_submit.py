@@ -50,7 +50,8 @@ class FakeKfp(BaseHTTPRequestHandler):
 def fake_kfp():
     FakeKfp.calls, FakeKfp.status = [], 200
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for serve_forever's next look (0.5 s by default)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

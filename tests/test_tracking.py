@@ -5,8 +5,8 @@ from mlflow.tracking import MlflowClient
 from kflift.components import tracking
 
 
-def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path):
-    uri = tracking.default_tracking_uri(tmp_path)
+def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path, sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
     parent = tracking.start_parent_run(uri, "exp", "run-1", {"train": {"epochs": 3}})
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "saved_model.pb").write_bytes(b"x")
@@ -34,8 +34,8 @@ def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path)
     assert int(client.get_model_version_by_alias("clf", "champion").version) == int(version.version) + 1
 
 
-def test_a_failing_stage_is_marked_failed(tmp_path):
-    uri = tracking.default_tracking_uri(tmp_path)
+def test_a_failing_stage_is_marked_failed(sqlite_tracking_uri):
+    uri = sqlite_tracking_uri
     parent = tracking.start_parent_run(uri, "exp", "run-2", {})
 
     def broken():
@@ -46,10 +46,10 @@ def test_a_failing_stage_is_marked_failed(tmp_path):
     assert tracking.stage_runs(uri, parent)["train-baseline"]["status"] == "FAILED"
 
 
-def test_cluster_runs_share_one_parent_found_by_run_id(tmp_path):
+def test_cluster_runs_share_one_parent_found_by_run_id(sqlite_tracking_uri):
     """On a cluster each task gets the KFP run id (job_id) and no parent or pipeline run id: the stages
     of one KFP run share one MLflow parent run, and another KFP run gets a parent of its own."""
-    uri = tracking.default_tracking_uri(tmp_path)
+    uri = sqlite_tracking_uri
     client = MlflowClient(uri)
     for job, stages in (("kfp-job-7", ("augment", "build-baseline")), ("kfp-job-8", ("augment",))):
         ctx = tracking.coordinates(uri, "exp", parent_run_id="", run_id="", job_id=job, cache_dir="", cache_mode="")

@@ -8,9 +8,12 @@ import time
 import warnings
 
 import numpy as np
+import pytest
 
 from kflift.components import build, train
 from kflift.components.data import load_model, split_size
+
+pytestmark = pytest.mark.slow  # every test trains on the augment stage's output (cifar_dataset)
 
 
 def test_early_stopping_stops_before_the_epoch_budget(cifar_dataset, tmp_path):
@@ -108,11 +111,30 @@ def test_l1_and_l2_add_weight_penalties(cifar_dataset, tmp_path):
     assert np.isclose(float(sum(model.losses)), expected, rtol=1e-4)
 
 
-def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tmp_path):
-    assert split_size(cifar_dataset, "train", augmented=False) * 2 == split_size(cifar_dataset, "train")
+def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    originals = split_size(cifar_dataset, "train", augmented=False)
+    assert originals * 2 == split_size(cifar_dataset, "train")
+    seen, load_split = [], train.load_split  # seen: the size of each training batch fit read
+
+    def counted(dataset_dir, split, *args, **kwargs):
+        ds = load_split(dataset_dir, split, *args, **kwargs)
+        if split != "train":
+            return ds
+
+        def count(images, labels):
+            n = tf.numpy_function(lambda y: seen.append(len(y)) or np.int64(len(y)), [labels], tf.int64)
+            with tf.control_dependencies([n]):
+                return tf.identity(images), tf.identity(labels)
+
+        return ds.map(count)
+
+    monkeypatch.setattr(train, "load_split", counted)
     build.build(str(cifar_dataset), str(tmp_path / "u"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=1, augmented=False)
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), epochs=2, augmented=False)
     assert result["params"]["augmented_data"] is False
+    assert sum(seen) == 2 * originals  # two epochs of the originals; with the copies it would be twice that
 
 
 def test_resume_after_kill_9_continues_from_the_last_checkpoint(cifar_dataset, tmp_path):
