@@ -23,6 +23,7 @@ from kflift.pipeline.config import Config
 DOCKERFILE = "containers/Dockerfile"
 SOURCE = "https://github.com/kflift/kflift"
 GPU_BASE_IMAGE = "tensorflow/tensorflow:2.21.0-gpu"  # the CPU default is the Dockerfile's ARG default
+BUILDER_LABEL = "io.kflift.stage=builder"
 HASH_LABEL = "io.kflift.build-hash"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the classic builder colours a step's stderr
 BUILD_TIMEOUT = 3600  # seconds the engine may stay silent (a long pip install step)
@@ -205,6 +206,8 @@ def build(cfg: Config, flavors: list[str], tag: str | None = None, base_image: s
                     _stream(out, image, "building")
                 except docker.errors.APIError as exc:
                     raise ImageError(f"building {image} failed: {exc.explanation or exc}") from None
+                finally:  # the builder stage is left untagged: only its disk space remains
+                    client.images.prune(filters={"dangling": True, "label": BUILDER_LABEL})
             print(f"==> built {image} ({client.images.get(image).attrs['Size'] / 1e9:.2f} GB)", flush=True)
         repo, _ = split_name(image)
         by_content = f"{repo}:{content[:12]}"

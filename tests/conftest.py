@@ -14,6 +14,19 @@ SHARED = Path(os.environ.get("KFLIFT_SHARED", REPO.parent / "shared"))
 CIFAR = SHARED / "datasets" / "cifar10-vehicles"
 
 
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup` each worker must see its xdist_group in the node ids, or tests that share
+    one run (or one Docker image build) land on two workers and each makes its own. pytest 9.2 broke
+    this silently in pytest-xdist 3.8 (it sets Item._nodeid, which 9.2 no longer reads)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist ignores the xdist_group of {len(lost)} tests (e.g. {lost[0]}): "
+                                "pin a pytest that pytest-xdist supports")
+
+
 def copy_subset(src: Path, dst: Path, classes: list[str], per_class: int) -> Path:
     for c in classes:
         (dst / c).mkdir(parents=True, exist_ok=True)
