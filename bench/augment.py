@@ -26,7 +26,7 @@ import io, sys, hashlib, numpy as np, tensorflow as tf
 from pathlib import Path
 from PIL import Image
 from kflift.components.augment import DEFAULT_OPS, decode_image, expand_training_record, split_of
-from kflift.components.data import list_images
+from kflift.components.sources import list_images
 src, out, copies = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 out.mkdir(parents=True, exist_ok=True)
 writers = {s: tf.io.TFRecordWriter(str(out / f"{s}.tfrecord.gz"), "GZIP") for s in ("train", "val", "test")}

@@ -28,7 +28,8 @@ def main() -> int:
 
     from kflift.components import build, train
     from kflift.components.augment import augment
-    from kflift.components.data import load_model, load_split, read_meta, split_size
+    from kflift.components.files import load_model
+    from kflift.components.records import load_split, read_meta, split_size
 
     work = Path(tempfile.mkdtemp(prefix="kflift-bench-train-"))
     augment(args.data, str(work / "data"), include_classes=["automobile", "truck"], copies=1)

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from kflift.components.data import (DataError, META_FILE, SPLITS, in_child_process, list_images,
-                                    publish_dir, staging_dir, write_json)
-from kflift.components.progress import progress
+from .sources import DataError, list_images
+from .records import META_FILE, SPLITS
+from .files import publish_dir, staging_dir, write_json
+from .processes import in_child_process
+from .progress import progress
 
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
 # so serving the same file gives the same tensor as training.
@@ -372,7 +374,7 @@ def _encoder():
 def preview(items, path: Path, copies: int, seed: int, ops: dict, max_pixels: int,
             val_fraction: float, test_fraction: float, rows: int = 6) -> Path | None:
     """A grid of training originals beside their augmented copies, exactly as written."""
-    from kflift.components.plots import image_grid
+    from .plots import image_grid
 
     grid, labels = [], []
     for file, label in items[:: max(1, len(items) // (4 * rows))]:  # spread over the classes

@@ -103,7 +103,8 @@ def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: 
           online_ops: dict | None = None, depth: int = 2, batch_norm: bool = False,
           global_pool: bool = False) -> dict:
     """Build the model for a dataset (size and classes from augment's meta) and save it."""
-    from kflift.components.data import read_meta, save_model, write_json
+    from .records import read_meta
+    from .files import save_model, write_json
 
     meta = read_meta(dataset_dir)
     depth = int(depth)  # through a KFP dict parameter every number arrives as a float

@@ -27,7 +27,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kflift.components.data import file_lock, list_images, publish_dir, write_json
+from .files import file_lock, publish_dir, write_json
+from .sources import list_images
 
 FINGERPRINT = "kflift.fingerprint"  # key in an output artifact's KFP metadata
 ENTRY_FILE = "entry.json"
@@ -88,10 +89,14 @@ def code_version(module: str) -> str:
         source = Path(importlib.util.find_spec(name).origin).read_bytes()
         h.update(name.encode() + b"\0" + source)
         for node in ast.walk(ast.parse(source)):  # found without importing (no TensorFlow on a hit)
-            if isinstance(node, ast.ImportFrom) and node.module == PACKAGE:
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = f"{PACKAGE}.{node.module}" if node.level == 1 and node.module else \
+                PACKAGE if node.level == 1 else node.module or ""
+            if module == PACKAGE:  # from . import a, b
                 todo += [f"{PACKAGE}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE + "."):
-                todo.append(node.module)
+            elif module.startswith(PACKAGE + "."):
+                todo.append(module)
     return h.hexdigest()
 
 

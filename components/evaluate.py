@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from kflift.components import plots
-from kflift.components.data import load_model, load_split, publish_dir, read_meta, staging_dir, write_json
-from kflift.components.serve import export_serving, save_mlflow_model
+from . import plots
+from .files import load_model, publish_dir, staging_dir, write_json
+from .records import load_split, read_meta
+from .serve import export_serving, save_mlflow_model
 
 
 def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):

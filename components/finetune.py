@@ -13,11 +13,12 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from kflift.components import plots
-from kflift.components.build import application_backbone, classifier_head
-from kflift.components.data import (DataError, load_model, publish_dir, read_meta, save_model,
-                                    split_size, staging_dir, write_json)
-from kflift.components.train import fit
+from . import plots
+from .build import application_backbone, classifier_head
+from .sources import DataError
+from .files import load_model, publish_dir, save_model, staging_dir, write_json
+from .records import read_meta, split_size
+from .train import fit
 
 
 def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: str | None) -> keras.Model:

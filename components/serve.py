@@ -26,7 +26,7 @@ def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[st
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    from kflift.components.data import load_model, publish_dir, staging_dir
+    from kflift.components.files import load_model, publish_dir, staging_dir
 
     layer = tft.TFTransformOutput(transform_dir).transform_features_layer()
     model = load_model(model_dir)
@@ -58,7 +58,7 @@ def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[st
 
 def export_serving(model_dir: str, transform_dir: str, export_dir: str, labels: list[str]) -> str:
     """Write a SavedModel whose `serving_default` maps image bytes to class probabilities."""
-    from kflift.components.data import in_child_process
+    from kflift.components.processes import in_child_process
 
     return in_child_process(_export, model_dir, transform_dir, export_dir, labels)
 

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from kflift.components.data import publish_dir, staging_dir
+from .files import publish_dir, staging_dir
 
 SWEEPABLE = ("learning_rate", "l1", "l2", "dropout")
 

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from kflift.components import progress
+from . import progress
 
 RUN_ID_TAG = "kflift.run_id"
 STAGE_TAG = "kflift.stage"
@@ -76,7 +76,7 @@ def _sqlite_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    from kflift.components.data import file_lock
+    from .files import file_lock
 
     db = Path(tracking_uri[len("sqlite:///"):])
     with file_lock(db.with_name(db.name + ".lock")):
@@ -251,7 +251,7 @@ def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **k
     `kfp_metrics` is any object with `log_metric` (a KFP Metrics artifact) that receives the
     scalar metrics too.
     """
-    from kflift.components import cache
+    from . import cache
 
     fn_name = fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
     store = cache.StageCache(tracking.get("cache_dir", ""), tracking.get("cache_mode", ""), fn_name, kwargs,

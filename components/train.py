@@ -16,10 +16,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kflift.components import plots
-from kflift.components.progress import progress
-from kflift.components.data import (load_model, load_split, publish_dir, read_meta, save_atomically, save_model,
-                                    split_size, staging_dir, write_json)
+from . import plots
+from .progress import progress
+from .files import load_model, publish_dir, save_atomically, save_model, staging_dir, write_json
+from .records import load_split, read_meta, split_size
 
 
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),

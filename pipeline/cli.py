@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from kflift.components.data import DataError
+    from kflift.components.sources import DataError
     from kflift.components.tracking import TrackingError
     from kflift.pipeline.console import RunConsole
     from kflift.pipeline.images import ImageError
@@ -217,7 +217,7 @@ def _stage(args) -> int:
     import json
 
     from kflift.components.augment import augment
-    from kflift.components.data import DataError
+    from kflift.components.sources import DataError
 
     cfg = load_config(args.config, args.overrides)
     cfg.augment.beam_options += args.beam_options

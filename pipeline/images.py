@@ -91,7 +91,7 @@ def stage_images(cfg: Config) -> dict[str, str]:
 
 
 def _record_build(cfg: Config, built: dict[str, str]) -> None:
-    from kflift.components.data import write_json
+    from kflift.components.files import write_json
 
     write_json(Path(cfg.output) / LAST_BUILD, {**last_build(cfg), **built})
 

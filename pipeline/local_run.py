@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from kflift.components import tracking
-from kflift.components.data import (DataError, list_images, publish_dir, staging_dir, write_digits_folder,
-                                    write_json)
+from kflift.components.sources import DataError, list_images, write_digits_folder
+from kflift.components.files import publish_dir, staging_dir, write_json
 from kflift.pipeline.config import NO_SOURCE_NOTE, NO_TRANSFER, Config
 from kflift.pipeline.console import RunConsole
 

@@ -50,7 +50,7 @@ def tiny_cifar(tmp_path_factory, cifar_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from kflift.components.data import write_digits_folder
+    from kflift.components.sources import write_digits_folder
 
     return write_digits_folder(tmp_path_factory.mktemp("digits") / "digits")
 

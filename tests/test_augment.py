@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import copy_subset, kflift
 from kflift.components.augment import DEFAULT_OPS, augment, expand_training_record, split_of
-from kflift.components.data import DataError, list_images
+from kflift.components.sources import DataError, list_images
 
 MAX_PIXELS = 10_000  # the 32x32 shared images pass; the 200x200 "bomb" does not
 

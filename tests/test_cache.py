@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kflift.components import cache, data
+from kflift.components import cache, files
 from kflift.components.cache import FINGERPRINT, Spec, StageCache
 
 # Real stage modules: the code version reads their source (and that of what they import), never imports them.
@@ -124,14 +124,17 @@ def test_a_data_change_gives_a_new_key(tmp_path):
 
 @pytest.fixture
 def stage_package(tmp_path, monkeypatch):
-    """A stage module on sys.path in a package standing in for kflift.components, with a helper it
-    imports and a module it does not."""
+    """A stage module on sys.path in a package standing in for kflift.components, with modules it
+    imports (absolute, relative, from the package) and a module it does not."""
     name = "kflift_test_stages"
     pkg = tmp_path / "src" / name
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "helpers.py").write_text("SCALE = 1\n")
-    (pkg / "stage.py").write_text(f"from {name} import helpers\n\n\ndef run(x):\n    return x * helpers.SCALE\n")
+    (pkg / "files.py").write_text("")
+    (pkg / "records.py").write_text("")
+    (pkg / "stage.py").write_text(f"from {name} import helpers\nfrom .files import *\nfrom . import records\n\n\n"
+                                  "def run(x):\n    return x * helpers.SCALE\n")
     (pkg / "unrelated.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     monkeypatch.setattr(cache, "PACKAGE", name)
@@ -151,7 +154,9 @@ def test_a_code_change_gives_a_new_key(stage_package, tmp_path, monkeypatch):
     (stage_package / "unrelated.py").write_text("CHANGED = True\n")  # a module the stage does not import
     assert key() == seen[0]
     for path, source in [(stage_package / "stage.py", None),  # the stage's own source
-                         (stage_package / "helpers.py", "SCALE = 2\n")]:  # a component module it imports
+                         (stage_package / "helpers.py", "SCALE = 2\n"),  # a component module it imports
+                         (stage_package / "files.py", "X = 1\n"),  # relative: from .files import
+                         (stage_package / "records.py", "Y = 1\n")]:  # relative: from . import records
         path.write_text(source or path.read_text() + "\n# a comment is a change too\n")
         assert key() not in seen
         seen.append(key())
@@ -272,7 +277,7 @@ def test_a_stage_killed_9_publishes_nothing_and_its_lock_is_free(tmp_path, monke
     def still_held(message, **kwargs):  # file_lock prints this before it would wait
         raise AssertionError(f"the killed run's lock is still held: {message}")
 
-    monkeypatch.setattr(data, "print", still_held, raising=False)
+    monkeypatch.setattr(files, "print", still_held, raising=False)
     with store.locked("train"):  # released by the OS on kill -9: taken at once
         assert store.prepare(kwargs)["resume"] is True  # and the rerun continues from its checkpoints
 
@@ -281,7 +286,7 @@ def test_a_second_run_of_the_same_key_waits_for_the_first(tmp_path, monkeypatch)
     first, _, _ = train_cache(tmp_path, "run-1")
     second, _, _ = train_cache(tmp_path, "run-2")
     printed, waiting, entered = [], threading.Event(), threading.Event()
-    monkeypatch.setattr(data, "print", lambda *a, **k: (printed.append(a[0]), waiting.set()), raising=False)
+    monkeypatch.setattr(files, "print", lambda *a, **k: (printed.append(a[0]), waiting.set()), raising=False)
 
     def second_run():
         with second.locked("train"):

@@ -536,7 +536,7 @@ def test_kflift_dockerfile_flavours_and_wheelhouse():
     final = stages[-1]
     assert "USER 1000:1000" in final and "WORKDIR /home/kflift" in final
     assert 'CMD ["kflift", "--help"]' in final
-    assert any("import kflift.components.data" in i for i in final if i.startswith("HEALTHCHECK"))
+    assert any("import kflift.components.records" in i for i in final if i.startswith("HEALTHCHECK"))
     builder = " ".join(stages[0])
     assert "ARG FLAVOR" in builder and "ARG WHEELHOUSE" in builder
     assert "--no-index --find-links /wheels" in builder

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kflift.components import build, evaluate, finetune, train
-from kflift.components.data import load_model, load_split, read_meta
+from kflift.components.files import load_model
+from kflift.components.records import load_split, read_meta
 
 
 @pytest.mark.slow
@@ -189,7 +190,7 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_p
 
     import pytest
 
-    from kflift.components.data import DataError
+    from kflift.components.sources import DataError
 
     try:
         socket.getaddrinfo("storage.googleapis.com", 443)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kflift.components.data import write_json
+from kflift.components.files import write_json
 from kflift.components.sweep import grid_points, select_best
 
 

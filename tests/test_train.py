@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from kflift.components import build, train
-from kflift.components.data import load_model, split_size
+from kflift.components.files import load_model
+from kflift.components.records import split_size
 
 pytestmark = pytest.mark.slow  # every test trains on the augment stage's output (cifar_dataset)
 
