@@ -25,8 +25,9 @@ PLAIN = r'''
 import io, sys, hashlib, numpy as np, tensorflow as tf
 from pathlib import Path
 from PIL import Image
-from kflift.components.augment import DEFAULT_OPS, decode_image, expand_training_record, split_of
+from kflift.components.augment import decode_image, expand_training_record, split_of
 from kflift.components.sources import list_images
+from kflift.pipeline.config import AugmentOps
 src, out, copies = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 out.mkdir(parents=True, exist_ok=True)
 writers = {s: tf.io.TFRecordWriter(str(out / f"{s}.tfrecord.gz"), "GZIP") for s in ("train", "val", "test")}
@@ -40,7 +41,7 @@ for label, files in list_images(src).items():
         rec = decode_image(str(f), label, 50_000_000)
         if "reason" in rec: continue
         split = split_of(rec["sha256"], 0.15, 0.2)
-        examples = expand_training_record(rec, copies, 42, DEFAULT_OPS) if split == "train" else [rec]
+        examples = expand_training_record(rec, copies, 42, AugmentOps().model_dump()) if split == "train" else [rec]
         for e in examples:
             writers[split].write(feature(e["image"], label))
 for w in writers.values(): w.close()
@@ -49,8 +50,10 @@ for w in writers.values(): w.close()
 STAGE = r'''
 import sys
 from kflift.components.augment import augment
+from kflift.pipeline.config import AugmentConfig
 if __name__ == "__main__":
-    augment(sys.argv[1], sys.argv[2], copies=int(sys.argv[3]), num_workers=int(sys.argv[4]))
+    settings = AugmentConfig(copies=int(sys.argv[3]), num_workers=int(sys.argv[4])).stage_kwargs()
+    augment(sys.argv[1], sys.argv[2], **settings)
 '''
 
 

@@ -30,11 +30,16 @@ def main() -> int:
     from kflift.components.augment import augment
     from kflift.components.files import load_model
     from kflift.components.records import load_split, read_meta, split_size
+    from kflift.pipeline.config import Config
+
+    cfg = Config()  # the baseline candidate's settings, as pipeline.py composes them
 
     work = Path(tempfile.mkdtemp(prefix="kflift-bench-train-"))
-    augment(args.data, str(work / "data"), include_classes=["automobile", "truck"], copies=1)
+    augment(args.data, str(work / "data"), include_classes=["automobile", "truck"],
+            **{**cfg.augment.stage_kwargs(), "copies": 1})
     dataset = str(work / "data")
-    build.build(dataset, str(work / "untrained"))
+    build.build(dataset, str(work / "untrained"), **cfg.model.stage_kwargs(), dropout=0.0, l1=0.0, l2=0.0,
+                seed=cfg.train.seed, online_ops={})
     n = split_size(dataset, "train")
 
     def bare_fit() -> float:
@@ -49,8 +54,9 @@ def main() -> int:
 
     def stage_fit(i: int) -> float:
         start = time.perf_counter()
-        train.train(dataset, str(work / "untrained"), str(work / f"trained-{i}"), epochs=args.epochs,
-                    batch_size=args.batch_size)
+        train.train(dataset, str(work / "untrained"), str(work / f"trained-{i}"),
+                    **{**cfg.train.stage_kwargs(), "epochs": args.epochs, "batch_size": args.batch_size},
+                    patience=0, monitor=cfg.regularization.monitor, name="bench", augmented=True)
         return n * args.epochs / (time.perf_counter() - start)
 
     # Interleaved and repeated, best of each: the first fit of a process pays one-time costs

@@ -22,6 +22,7 @@ from .sources import DataError, list_images
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
 from .processes import in_child_process
+from .stages import StageResult
 from .progress import progress
 
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
@@ -93,17 +94,10 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-DEFAULT_OPS = {
-    "crop_probability": 1.0, "crop_mode": "pad", "crop_fraction": 0.1,
-    "rotation_probability": 0.5, "rotation_degrees": 10.0,
-    "flip_probability": 0.5, "flip_horizontal": True, "flip_vertical": False,
-    "jitter_probability": 0.8, "brightness": 0.15, "contrast": 0.15, "saturation": 0.15, "hue": 0.02,
-}
-
-
 def augment_image(rgb: Image.Image, rng: np.random.Generator, ops: dict) -> Image.Image:
-    """One random variant: random crop, rotation, flip, colour jitter, each with its probability."""
-    o = {**DEFAULT_OPS, **ops}
+    """One random variant: random crop, rotation, flip, colour jitter, each with its probability
+    (`ops`: the fields of config's AugmentOps)."""
+    o = ops
     w, h = rgb.size
     if o["crop_fraction"] > 0 and rng.random() < o["crop_probability"]:
         if o["crop_mode"] == "resized":  # a random sub-window of the image, scaled back up
@@ -172,26 +166,26 @@ def preprocessing_fn(inputs, image_size: int):
 def augment(
     data_dir: str,
     output_dir: str,
-    image_size: int = 32,
+    *,
+    image_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    copies: int,
+    ops: dict,
+    shards: int,
+    num_workers: int,
+    max_pixels: int,
+    seed: int,
+    beam_options: list[str],
     include_classes: list[str] | None = None,
     exclude_classes: list[str] | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-    copies: int = 2,
-    ops: dict | None = None,
-    shards: int = 0,
-    num_workers: int = 1,
-    max_pixels: int = 50_000_000,
-    seed: int = 42,
-    beam_options: list[str] | None = None,
-) -> dict:
-    """Run the stage on an image folder or CSV manifest; `ops` tunes the augmentations
-    (see DEFAULT_OPS). Returns the stage result; the output holds TFRecords per split, the
+) -> StageResult:
+    """Run the stage on an image folder or CSV manifest; settings from config
+    (`AugmentConfig.stage_kwargs`; `ops`: `AugmentOps`). Returns the stage result; the output holds TFRecords per split, the
     transform graph, meta.json, stats.json, quarantine.jsonl and preview.png."""
     start = time.time()
     folder = list_images(data_dir, include_classes, exclude_classes)
     items = [(str(p), label) for label, files in folder.items() for p in files]
-    ops = {**DEFAULT_OPS, **(ops or {})}
     output = Path(output_dir)
     work = staging_dir(output)
     try:

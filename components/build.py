@@ -10,6 +10,8 @@ from pathlib import Path
 import keras
 from keras import layers, regularizers
 
+from .stages import StageResult
+
 APPLICATIONS = {
     "mobilenetv2": "MobileNetV2",
     "resnet50": "ResNet50",
@@ -50,20 +52,8 @@ def augmentation_layers(ops: dict) -> keras.Sequential:
     return keras.Sequential(steps, name="online_augmentation")
 
 
-def build_model(
-    image_size: int,
-    num_classes: int,
-    architecture: str = "cnn",
-    width: float = 1.0,
-    dropout: float = 0.0,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    seed: int = 42,
-    online_ops: dict | None = None,
-    depth: int = 2,
-    batch_norm: bool = False,
-    global_pool: bool = False,
-) -> keras.Model:
+def build_model(image_size: int, num_classes: int, *, architecture: str, width: float, depth: int, batch_norm: bool,
+                global_pool: bool, dropout: float, l1: float, l2: float, seed: int, online_ops: dict) -> keras.Model:
     """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model.
 
     CNN variants: `width` scales filters and units, `depth` sets the conv blocks (filters double
@@ -98,18 +88,17 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"{architecture}")
 
 
-def build(dataset_dir: str, output_path: str, architecture: str = "cnn", width: float = 1.0,
-          dropout: float = 0.0, l1: float = 0.0, l2: float = 0.0, seed: int = 42,
-          online_ops: dict | None = None, depth: int = 2, batch_norm: bool = False,
-          global_pool: bool = False) -> dict:
-    """Build the model for a dataset (size and classes from augment's meta) and save it."""
+def build(dataset_dir: str, output_path: str, *, architecture: str, width: float, depth: int, batch_norm: bool,
+          global_pool: bool, dropout: float, l1: float, l2: float, seed: int, online_ops: dict) -> StageResult:
+    """Build the model for a dataset (size and classes from augment's meta) and save it.
+    Model settings from config (`ModelConfig.stage_kwargs`); `online_ops` {} = no augmentation layers."""
     from .records import read_meta
     from .files import save_model, write_json
 
     meta = read_meta(dataset_dir)
-    depth = int(depth)  # through a KFP dict parameter every number arrives as a float
-    model = build_model(meta["image_size"], meta["num_classes"], architecture, width, dropout, l1, l2, seed,
-                        online_ops, depth, batch_norm, global_pool)
+    model = build_model(meta["image_size"], meta["num_classes"], architecture=architecture, width=width, depth=depth,
+                        batch_norm=batch_norm, global_pool=global_pool, dropout=dropout, l1=l1, l2=l2, seed=seed,
+                        online_ops=online_ops)
     save_model(model, Path(output_path))
     params = {"architecture": architecture, "width": width, "depth": depth, "batch_norm": batch_norm,
               "global_pool": global_pool, "dropout": dropout, "l1": l1, "l2": l2,

@@ -6,7 +6,7 @@ and the code version (kflift's version + the source of the component modules the
 Each output artifact carries its fingerprint in its KFP metadata, so downstream keys chain without
 rehashing TFRecords.
 
-Layout of the cache folder (no MLflow here; tracking.run_stage logs the hit or the new run):
+Layout of the cache folder (no MLflow here; runner.run_stage logs the hit or the new run):
   <fp>/           a finished entry: entry.json (result, producer MLflow run) + outputs/<artifact name>,
                   published with one rename, so a killed stage never leaves something that looks done
   <fp>.partial/   a training stage's per-epoch checkpoints: a rerun or resume continues from them
@@ -52,8 +52,10 @@ class Spec:
 
 
 def _flat(artifacts) -> list:
+    """The artifacts in a list of artifacts, lists and dicts of them (evaluate's candidates), Nones dropped."""
     out = []
     for a in artifacts:
+        a = list(a.values()) if isinstance(a, dict) else a
         out += _flat(a) if isinstance(a, (list, tuple)) else [a] if a is not None else []
     return out
 

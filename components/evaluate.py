@@ -11,6 +11,7 @@ from . import plots
 from .files import load_model, publish_dir, staging_dir, write_json
 from .records import load_split, read_meta
 from .serve import export_serving, save_mlflow_model
+from .stages import StageResult
 
 
 def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):
@@ -45,10 +46,10 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
-def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, metric: str = "accuracy",
-             min_metric: float = 0.0, baseline: str = "baseline", export: bool = True,
-             registry_name: str = "kflift-classifier") -> dict:
-    """Score each candidate model on the test split; the best that passes the gate wins."""
+def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, metric: str, min_metric: float,
+             registry_name: str, baseline: str = "baseline", export: bool = True) -> StageResult:
+    """Score each candidate model on the test split; the best that passes the gate wins.
+    Settings from config (`EvaluateConfig.stage_kwargs`); lifts are measured against `baseline`."""
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
     work = staging_dir(output_dir)

@@ -18,6 +18,7 @@ from .build import application_backbone, classifier_head
 from .sources import DataError
 from .files import load_model, publish_dir, save_model, staging_dir, write_json
 from .records import read_meta, split_size
+from .stages import StageResult
 from .train import fit
 
 
@@ -46,7 +47,7 @@ def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: 
         raise DataError(f"finetune: cannot load weights file {weights} into {backbone}: {exc}") from None
 
 
-def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
+def unfreeze_top_layers(backbone: keras.Model, n: int) -> list[str]:
     """Make the top `n` weighted layers trainable; BatchNorm stays frozen (inference mode)."""
     backbone.trainable = True
     weighted = [l for l in backbone.layers if l.weights]
@@ -56,13 +57,14 @@ def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
     return [l.name for l in top if l.trainable]
 
 
-def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, weights: str = "pipeline",
-             backbone: str = "cnn", head_units: int = 512, frozen_epochs: int = 5, finetune_epochs: int = 5,
-             unfreeze: int = 2, learning_rate: float = 1e-3, lr_factor: float = 0.1, batch_size: int = 64,
-             patience: int = 3, seed: int = 42, optimizer: str = "adam", augmented: bool = True,
-             head: str = "flatten", monitor: str = "val_loss", mixed_precision: str = "auto",
-             distribute: str = "auto", checkpoint_dir: str | None = None, resume: bool = False) -> dict:
-    """`head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
+def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, *, weights: str, backbone: str,
+             frozen_epochs: int, finetune_epochs: int, unfreeze_top: int, finetune_lr_factor: float, head: str,
+             head_units: int, batch_size: int, learning_rate: float, optimizer: str, mixed_precision: str,
+             distribute: str, seed: int, patience: int, monitor: str, augmented: bool,
+             checkpoint_dir: str | None = None, resume: bool = False) -> StageResult:
+    """Transfer: a new head on the backbone, trained frozen (`frozen_epochs`), then the top
+    `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`).
+    Settings from config (`TransferConfig.stage_kwargs`, `TrainConfig.fit_kwargs`). `head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
     far fewer weights on a large feature map). Each phase checkpoints every epoch to
     `checkpoint_dir` (default: beside the output); `resume` continues from the newest one."""
     if head not in ("flatten", "pool"):
@@ -88,9 +90,9 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
                          phase="frozen", **fit_args)
     base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
-    unfrozen = unfreeze_top(base, unfreeze)
+    unfrozen = unfreeze_top_layers(base, unfreeze_top)
     if finetune_epochs > 0 and unfrozen:
-        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, learning_rate=learning_rate * lr_factor,
+        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, learning_rate=learning_rate * finetune_lr_factor,
                           phase="finetune", **fit_args)
         history += more
     seconds = time.time() - start
@@ -106,7 +108,7 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
                    "early_stopping_monitor": monitor, "mixed_precision": mixed_precision, "distribute": distribute,
                    "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
                    "unfrozen_layers": unfrozen, "learning_rate": learning_rate,
-                   "finetune_learning_rate": learning_rate * lr_factor, "augmented_data": augmented},
+                   "finetune_learning_rate": learning_rate * finetune_lr_factor, "augmented_data": augmented},
         "metrics": {"epochs_run": len(history), "frozen_weights_changed_in_phase1": int(frozen_changed),
                     "train_images_per_second": split_size(dataset_dir, "train", augmented) * len(history) / seconds,
                     **{f"final_{k}": v for k, v in _merged_phases(history)[-1].items()}},

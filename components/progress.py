@@ -12,7 +12,7 @@ it too); a stage function run on its own reports under the name it passes (`kind
 
 What the fields mean (every field but `stage` is optional):
 
-- state changes, from `tracking.run_stage`:
+- state changes, from `runner.run_stage`:
   `{"state": "running", "since": t}` when the stage starts its work (a step-cache miss), `t` the
   epoch second its process started;
   `{"state": "cached" | "done", "seconds": s, "metrics": {...}}` when it ends, `s` seconds after its
@@ -33,9 +33,11 @@ import contextlib
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 MARKER = "kflift-progress"
-STAGE_ENV = "KFLIFT_STAGE"  # the running stage's name, set by tracking.run_stage
+STAGE_ENV = "KFLIFT_STAGE"  # the running stage's name, set by runner.run_stage
 
 
 def progress(kind: str, **fields) -> None:
@@ -75,3 +77,14 @@ def reporting(stage: str):
             os.environ.pop(STAGE_ENV, None)
         else:
             os.environ[STAGE_ENV] = before
+
+
+def process_start() -> float:
+    """When this process started (Linux /proc), so the interpreter and imports count too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from .files import publish_dir, staging_dir
+from .stages import StageResult
 
 SWEEPABLE = ("learning_rate", "l1", "l2", "dropout")
 
@@ -25,7 +26,7 @@ def grid_points(grid: dict[str, list], defaults: dict[str, float]) -> list[dict]
     return points
 
 
-def select_best(model_dirs: list[str], output_dir: str, metric: str = "val_accuracy") -> dict:
+def select_best(model_dirs: list[str], output_dir: str, *, metric: str) -> StageResult:
     """Copy the model whose best epoch scores highest on `metric` (higher is better; a loss is
     negated) to `output_dir`."""
     sign = -1.0 if "loss" in metric else 1.0
@@ -46,3 +47,9 @@ def select_best(model_dirs: list[str], output_dir: str, metric: str = "val_accur
             "metrics": {f"best_{metric}": best[0],
                         **{f"point_{i}.{metric}": s[0] for i, s in enumerate(scores)}},
             "best": best[1]}
+
+
+def with_point(settings: dict, point: dict) -> dict:
+    """A stage's settings with a grid point's values for the keys it has (the rest of the point,
+    such as the other stage's name and settings, is not this stage's)."""
+    return {**settings, **{k: v for k, v in point.items() if k in settings}}

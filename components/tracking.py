@@ -1,7 +1,7 @@
 """MLflow layout: one parent run per pipeline run, one nested run per stage or candidate.
 
-This is the only module that talks to MLflow. Stages return a result dict
-(`params`, `metrics`, `history`, `artifacts`) and `stage_run` logs it.
+This is the only module that talks to MLflow. A stage returns a `stages.StageResult` and the
+runner (runner.py) logs it through `stage_run`.
 """
 from __future__ import annotations
 
@@ -135,8 +135,7 @@ class StageRun:
 
         _log_params(self.client, self.run_id, result.get("params", {}))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in _flat(result.get("metrics", {})).items()
-                   if isinstance(v, (int, float))]
+        metrics = [Metric(k, v, now, 0) for k, v in scalar_metrics(result.get("metrics", {})).items()]
         for step, epoch in enumerate(result.get("history", [])):
             metrics += [Metric(k, float(v), now, step) for k, v in epoch.items()]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
@@ -229,88 +228,8 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, experiment: str
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     client.log_metric(run.info.run_id, STAGE_SECONDS, time.time() - start)
-    client.log_metric(run.info.run_id, PROCESS_SECONDS, time.time() - _process_start())
+    client.log_metric(run.info.run_id, PROCESS_SECONDS, time.time() - progress.process_start())
     client.set_terminated(run.info.run_id, "FINISHED")
-
-
-def coordinates(tracking_uri: str, experiment: str, parent_run_id: str, run_id: str, job_id: str, cache_dir: str,
-                cache_mode: str) -> dict:
-    """The `tracking` dict of run_stage from a component's top-level string parameters."""
-    return {"uri": tracking_uri, "experiment": experiment, "parent_run_id": parent_run_id, "run_id": run_id,
-            "job_id": job_id, "cache_dir": cache_dir, "cache_mode": cache_mode}
-
-
-def run_stage(stage: str, fn, tracking: dict, kfp_metrics=None, cached=None, **kwargs) -> dict:
-    """Run a stage function inside its nested MLflow run and log what it returns.
-
-    `fn` is the function or its "module:name" (imported only when the stage really runs).
-    `tracking` (see `coordinates`) holds uri, experiment, parent_run_id, run_id and job_id (the KFP
-    run on a cluster, whose MLflow parent run is found or made by it), and cache_dir + cache_mode for
-    the local step cache; `cached` (a cache.Spec) names the stage's artifacts for it. On a cache hit the
-    nested run gets the stored params and metrics and a tag naming the producing run.
-    `kfp_metrics` is any object with `log_metric` (a KFP Metrics artifact) that receives the
-    scalar metrics too.
-    """
-    from . import cache
-
-    fn_name = fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
-    store = cache.StageCache(tracking.get("cache_dir", ""), tracking.get("cache_mode", ""), fn_name, kwargs,
-                             cached)
-    inputs = cached.input_paths() if cached else None
-    with progress.reporting(stage), store.locked(stage), \
-            stage_run(tracking["uri"], tracking.get("parent_run_id", ""), stage, tracking.get("experiment", "kflift"),
-                      tracking.get("run_id") or tracking.get("job_id", ""), inputs) as run:
-        hit = store.lookup()
-        if hit:
-            print(f"{stage}: cached (fingerprint {store.key[:12]}, produced by MLflow run {hit['producer']})",
-                  flush=True)
-            store.restore()
-            result = hit["result"]
-            run.client.set_tag(run.run_id, CACHED_FROM_TAG, hit["producer"])
-            run.log({k: result.get(k, {}) for k in ("params", "metrics", "history")})
-            if result.get("register"):  # the winner is champion again, as after an uncached run
-                run.register(**result["register"], source_run=hit["producer"])
-        else:
-            if store.on:
-                print(f"{stage}: running (fingerprint {store.key[:12]})", flush=True)
-            progress.progress(stage, state="running", since=_process_start())
-            if isinstance(fn, str):
-                import importlib
-
-                module, name = fn.split(":")
-                fn = getattr(importlib.import_module(module), name)
-            result = fn(**store.prepare(kwargs))
-            run.log(result)
-            if result.get("register"):
-                run.register(**result["register"])
-            store.store(stage, result, run.run_id)
-    _report_end(stage, "cached" if hit else "done", result)
-    store.mark()
-    if kfp_metrics is not None:
-        for key, value in _flat(result.get("metrics", {})).items():
-            if isinstance(value, (int, float)):
-                kfp_metrics.log_metric(key, float(value))
-    return result
-
-
-def _report_end(stage: str, state: str, result: dict) -> None:
-    """The stage's end as a progress line (components/progress.py): its wall time, scalar metrics
-    and the candidate it registered as champion."""
-    metrics = {k: v for k, v in _flat(result.get("metrics", {})).items() if isinstance(v, (int, float))}
-    champion = (result.get("register") or {}).get("candidate")
-    progress.progress(stage, state=state, seconds=round(time.time() - _process_start(), 3), metrics=metrics,
-                      **({"champion": champion} if champion else {}))
-
-
-def _process_start() -> float:
-    """When this process started (Linux /proc), so the interpreter and imports count too."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
 
 
 def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
@@ -345,6 +264,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         elif v is not None:
             out[key] = v
     return out
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """A result's metrics as MLflow (and KFP) take them: dotted keys, numbers only."""
+    return {k: float(v) for k, v in _flat(metrics).items() if isinstance(v, (int, float))}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from . import plots
 from .progress import progress
 from .files import load_model, publish_dir, save_atomically, save_model, staging_dir, write_json
 from .records import load_split, read_meta, split_size
+from .stages import StageResult
 
 
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
@@ -251,12 +252,14 @@ class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.best_weights = keras.models.load_model(best, compile=False).get_weights()
 
 
-def train(dataset_dir: str, model_dir: str, output_dir: str, epochs: int = 10, batch_size: int = 64,
-          learning_rate: float = 1e-3, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
-          seed: int = 42, name: str = "model", checkpoint_dir: str | None = None, resume: bool = False,
-          augmented: bool = True, monitor: str = "val_loss", mixed_precision: str = "auto",
-          distribute: str = "auto") -> dict:
+def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, batch_size: int, learning_rate: float,
+          optimizer: str, schedule: str, mixed_precision: str, distribute: str, seed: int, patience: int,
+          monitor: str, name: str, augmented: bool, checkpoint_dir: str | None = None,
+          resume: bool = False) -> StageResult:
     """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`.
+
+    The settings come from config (`TrainConfig.stage_kwargs`; `patience` 0 = no early stopping);
+    `augmented=False` trains on the original images only.
 
     Checkpoints go to `checkpoint_dir` (default: beside the output), which outlives a crash:
     `resume=True` continues from the newest one.

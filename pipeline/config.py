@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 NO_TRANSFER = "none"
+# The one list of model architectures (components/build.py builds each; a test holds them equal).
+Architecture = Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"]
 NO_SOURCE_NOTE = ("no transfer source named, so no transfer candidate: add one with "
                   "--set transfer.source_classes=A,B (classes of --data held out), transfer.source_dir=DIR "
                   "or transfer.weights=imagenet|FILE")
@@ -66,11 +68,15 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    architecture: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
+    architecture: Architecture = "cnn"
     width: float = Field(1.0, gt=0.0, le=8.0, description="filter/unit multiplier of the CNN")
     depth: int = Field(2, ge=1, le=6, description="conv blocks of the CNN (filters double per block)")
     batch_norm: bool = False
     global_pool: bool = Field(False, description="global average pooling instead of Flatten")
+
+    def stage_kwargs(self) -> dict:
+        """The build stage's model arguments."""
+        return self.model_dump()
 
 
 class TrainConfig(_Section):
@@ -88,6 +94,15 @@ class TrainConfig(_Section):
         "each point trains in parallel (augmented data + regularization) and the best goes on")
     seed: int = 42
 
+    def fit_kwargs(self) -> dict:
+        """What every training stage (train, finetune) takes from this section."""
+        return self.model_dump(include={"batch_size", "learning_rate", "optimizer", "mixed_precision",
+                                        "distribute", "seed"})
+
+    def stage_kwargs(self) -> dict:
+        """The train stage's arguments from this section."""
+        return {**self.fit_kwargs(), "epochs": self.epochs, "schedule": self.schedule}
+
 
 class RegularizationConfig(_Section):
     l1: float = Field(0.0, ge=0.0, le=1.0)
@@ -96,6 +111,10 @@ class RegularizationConfig(_Section):
     patience: int = Field(3, ge=1, description="early-stopping patience in epochs")
     monitor: Literal["val_loss", "val_accuracy"] = Field(
         "val_loss", description="what early stopping (and the plateau schedule) watches; best weights restored")
+
+    def build_kwargs(self) -> dict:
+        """A regularized candidate's build arguments."""
+        return self.model_dump(include={"dropout", "l1", "l2"})
 
 
 class TransferConfig(_Section):
@@ -107,7 +126,7 @@ class TransferConfig(_Section):
     weights: str = Field(
         "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', a weights file, or 'none' "
         "(no transfer candidate: the default for your own --data until you name a source)")
-    backbone: Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"] = "cnn"
+    backbone: Architecture = "cnn"
     pretrain_epochs: int = Field(6, ge=1)
     pretrain_depth: int = Field(
         3, ge=1, le=6, description="conv blocks of the CNN backbone this run pretrains: the source data "
@@ -119,6 +138,11 @@ class TransferConfig(_Section):
     head: Literal["flatten", "pool"] = Field(
         "flatten", description="new head on the backbone: the seed's Flatten-Dense-Dropout, or global pooling")
     head_units: int = Field(512, ge=1, le=8192, description="units of the head's Dense layer")
+
+    def stage_kwargs(self) -> dict:
+        """The finetune stage's arguments from this section (the source and pretraining are the DAG's)."""
+        return self.model_dump(include={"weights", "backbone", "frozen_epochs", "finetune_epochs", "unfreeze_top",
+                                        "finetune_lr_factor", "head", "head_units"})
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -137,6 +161,10 @@ class EvaluateConfig(_Section):
     min_metric: float = Field(0.0, ge=0.0, le=1.0, description="quality gate")
     ablation: bool = Field(False, description="train each lever alone and all together, side by side")
     registry_name: str = Field("kflift-classifier", min_length=1, description="MLflow registered model")
+
+    def stage_kwargs(self) -> dict:
+        """The evaluate stage's arguments from this section."""
+        return self.model_dump(include={"metric", "min_metric", "registry_name"})
 
 
 class ImagesConfig(_Section):

@@ -9,16 +9,17 @@ from kfp import dsl, kubernetes
 from kflift.components.sweep import grid_points
 from kflift.pipeline.config import NO_TRANSFER, Config
 from kflift.pipeline.images import stage_images
-from kflift.pipeline.steps import make_components
+from kflift.pipeline.kfp_components import make_components
+
+UNREGULARIZED = {"dropout": 0.0, "l1": 0.0, "l2": 0.0}
 
 
 def make_pipeline(cfg: Config):
     images = stage_images(cfg)
     ops = make_components(images["cpu"], images["gpu"])
     aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
-    augment_args = aug.stage_kwargs()
-    fit_args = dict(batch_size=tr.batch_size, learning_rate=tr.learning_rate, optimizer=tr.optimizer, seed=tr.seed,
-                    monitor=reg.monitor, mixed_precision=tr.mixed_precision, distribute=tr.distribute)
+    online_ops = aug.ops.model_dump() if aug.online else {}
+    regularized = {"regularization": reg.build_kwargs(), "patience": reg.patience}
     has_source = tx.weights == "pipeline"
 
     @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
@@ -28,68 +29,63 @@ def make_pipeline(cfg: Config):
         # Without a run id (a cluster run), stages group their MLflow runs under the KFP job id.
         # Without a cache_dir (a cluster run) kflift's step cache is off: KFP caches there.
         # Each a whole parameter of every task: the backend resolves nothing nested in a dict (#12204).
-        tracking = dict(tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id, run_id=run_id,
-                        job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, cache_dir=cache_dir, cache_mode=cache_mode)
-        target = on_cluster(ops.augment(**tracking, stage="augment", data_dir=data_dir, include_classes=[],
-                                        exclude_classes=tx.source_classes, **augment_args), "augment", cfg)
+        context = dict(tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_run_id, run_id=run_id,
+                       job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, cache_dir=cache_dir, cache_mode=cache_mode)
+        target = on_cluster(ops.augment(**context, stage="augment", data_dir=data_dir, include_classes=[],
+                                        exclude_classes=tx.source_classes, settings=aug.stage_kwargs()), "augment", cfg)
 
-        def build_and_train(name, dataset, epochs, augmented=True, dropout=0.0, l1=0.0, l2=0.0, patience=0,
-                            variant=cfg.model.model_dump()):
-            built = on_cluster(ops.build(**tracking, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
-                                         variant=variant, dropout=dropout, l1=l1, l2=l2, seed=tr.seed,
-                                         online_ops=aug.ops.model_dump() if aug.online else {}), "build", cfg)
-            return on_cluster(ops.train(**tracking, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
-                                        untrained=built.outputs["model"], epochs=epochs, patience=patience,
-                                        schedule=tr.schedule, augmented=augmented, **fit_args), "train", cfg)
+        def build_and_train(name, dataset, augmented=True, regularization=UNREGULARIZED, patience=0,
+                            model=cfg.model.stage_kwargs(), epochs=tr.epochs, sweep_point=None):
+            """One candidate: build the model, train it (patience 0: no early stopping)."""
+            point = {} if sweep_point is None else {"sweep_point": sweep_point}
+            built = on_cluster(ops.build(**context, stage=f"build-{name}", dataset=dataset.outputs["dataset"],
+                                         settings={**model, **regularization, "seed": tr.seed,
+                                                   "online_ops": online_ops}, **point), "build", cfg)
+            return on_cluster(ops.train(**context, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
+                                        untrained=built.outputs["model"],
+                                        settings={**tr.stage_kwargs(), "epochs": epochs, "patience": patience,
+                                                  "monitor": reg.monitor, "augmented": augmented}, **point),
+                              "train", cfg)
 
         # Each candidate pulls some levers: offline augmentation (the augmented copies), regularization
         # (L1/L2, dropout, early stopping), transfer. The baseline pulls none.
-        candidates = {"baseline": build_and_train("baseline", target, epochs=tr.epochs, augmented=False)}
-        regularize = dict(dropout=reg.dropout, l1=reg.l1, l2=reg.l2, patience=reg.patience)
+        candidates = {"baseline": build_and_train("baseline", target, augmented=False)}
         if cfg.evaluate.ablation:  # each lever alone, then all together
-            candidates["augmentation"] = build_and_train("augmentation", target, epochs=tr.epochs)
-            candidates["regularization"] = build_and_train("regularization", target, epochs=tr.epochs,
-                                                           augmented=False, **regularize)
+            candidates["augmentation"] = build_and_train("augmentation", target)
+            candidates["regularization"] = build_and_train("regularization", target, augmented=False, **regularized)
         else:
-            candidates["regularized"] = build_and_train("regularized", target, epochs=tr.epochs, **regularize)
+            candidates["regularized"] = build_and_train("regularized", target, **regularized)
 
         if tr.sweep:  # a grid of the regularized candidate, in parallel; the best goes on
-            points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, "dropout": reg.dropout,
-                                            "l1": reg.l1, "l2": reg.l2})
+            points = grid_points(tr.sweep, {"learning_rate": tr.learning_rate, **reg.build_kwargs()})
             with dsl.ParallelFor(points) as point:
-                built = on_cluster(ops.build(
-                    **tracking, stage="build-sweep", dataset=target.outputs["dataset"],
-                    variant=cfg.model.model_dump(), sweep_point=point, dropout=reg.dropout, l1=reg.l1, l2=reg.l2,
-                    seed=tr.seed, online_ops=aug.ops.model_dump() if aug.online else {}), "build", cfg)
-                trained = on_cluster(ops.train(
-                    **tracking, stage="train-sweep", dataset=target.outputs["dataset"],
-                    untrained=built.outputs["model"], epochs=tr.epochs, patience=reg.patience,
-                    schedule=tr.schedule, augmented=True, sweep_point=point, **fit_args), "train", cfg)
+                trained = build_and_train("sweep", target, sweep_point=point, **regularized)
             candidates["sweep-best"] = on_cluster(ops.select_best(
-                **tracking, metric="val_accuracy", models=dsl.Collected(trained.outputs["model"])), "build", cfg)
+                **context, metric="val_accuracy", models=dsl.Collected(trained.outputs["model"])), "build", cfg)
 
         pretrained = {}
         if has_source:
             # After the target's augment: on a cluster the first stage creates the MLflow parent run.
-            source = on_cluster(ops.augment(**tracking, stage="augment-source", data_dir=source_dir,
+            source = on_cluster(ops.augment(**context, stage="augment-source", data_dir=source_dir,
                                             include_classes=[] if tx.source_dir else tx.source_classes,
-                                            exclude_classes=[], **augment_args).after(target), "augment", cfg)
-            backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs, l2=reg.l2,
-                                       variant={**cfg.model.model_dump(), "architecture": tx.backbone,
-                                                "depth": tx.pretrain_depth})
+                                            exclude_classes=[], settings=aug.stage_kwargs()).after(target),
+                                "augment", cfg)
+            backbone = build_and_train("backbone", source, epochs=tx.pretrain_epochs,
+                                       regularization={**UNREGULARIZED, "l2": reg.l2},
+                                       model={**cfg.model.stage_kwargs(), "architecture": tx.backbone,
+                                              "depth": tx.pretrain_depth})
             pretrained = {"pretrained": backbone.outputs["model"]}
 
         def finetune(name, augmented):
             return on_cluster(ops.finetune(
-                **tracking, stage=f"finetune-{name}" if cfg.evaluate.ablation else "finetune",
-                dataset=target.outputs["dataset"], weights=tx.weights, backbone=tx.backbone,
-                frozen_epochs=tx.frozen_epochs, finetune_epochs=tx.finetune_epochs, unfreeze=tx.unfreeze_top,
-                lr_factor=tx.finetune_lr_factor, head=tx.head, head_units=tx.head_units, patience=reg.patience,
-                augmented=augmented, **fit_args, **pretrained), "train", cfg)
+                **context, stage=f"finetune-{name}" if cfg.evaluate.ablation else "finetune",
+                dataset=target.outputs["dataset"], settings={**tx.stage_kwargs(), **tr.fit_kwargs(),
+                                                             "patience": reg.patience, "monitor": reg.monitor,
+                                                             "augmented": augmented}, **pretrained), "train", cfg)
 
         if tx.weights == NO_TRANSFER:  # all the levers but transfer
             if cfg.evaluate.ablation:
-                candidates["all"] = build_and_train("all", target, epochs=tr.epochs, **regularize)
+                candidates["all"] = build_and_train("all", target, **regularized)
         elif cfg.evaluate.ablation:
             candidates["transfer"] = finetune("transfer", augmented=False)
             candidates["all"] = finetune("all", augmented=True)
@@ -98,9 +94,8 @@ def make_pipeline(cfg: Config):
 
         models = {f"model_{i}": task.outputs["model" if "model" in task.outputs else "best"]
                   for i, task in enumerate(candidates.values(), start=1)}
-        return on_cluster(ops.evaluate(**tracking, dataset=target.outputs["dataset"], names=list(candidates),
-                                       metric=cfg.evaluate.metric, min_metric=cfg.evaluate.min_metric,
-                                       registry_name=cfg.evaluate.registry_name, **models),
+        return on_cluster(ops.evaluate(**context, dataset=target.outputs["dataset"], names=list(candidates),
+                                       settings=cfg.evaluate.stage_kwargs(), **models),
                           "evaluate", cfg).outputs["evaluation"]
 
     return kflift

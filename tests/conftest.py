@@ -14,6 +14,23 @@ SHARED = Path(os.environ.get("KFLIFT_SHARED", REPO.parent / "shared"))
 CIFAR = SHARED / "datasets" / "cifar10-vehicles"
 
 
+def settings(stage: str, **overrides) -> dict:
+    """A stage function's keyword arguments from config's defaults, as pipeline.py composes them for
+    the baseline candidate (no regularization, no early stopping), with `overrides` on top."""
+    from kflift.pipeline.config import Config
+    from kflift.pipeline.pipeline import UNREGULARIZED
+
+    cfg = Config()
+    fit = {**cfg.train.fit_kwargs(), "monitor": cfg.regularization.monitor, "augmented": True}
+    return {**{
+        "augment": lambda: cfg.augment.stage_kwargs(),
+        "build": lambda: {**cfg.model.stage_kwargs(), **UNREGULARIZED, "seed": cfg.train.seed, "online_ops": {}},
+        "train": lambda: {**cfg.train.stage_kwargs(), **fit, "patience": 0, "name": "model"},
+        "finetune": lambda: {**cfg.transfer.stage_kwargs(), **fit, "patience": cfg.regularization.patience},
+        "evaluate": lambda: cfg.evaluate.stage_kwargs(),
+    }[stage](), **overrides}
+
+
 def pytest_collection_finish(session):
     """Under `--dist loadgroup` each worker must see its xdist_group in the node ids, or tests that share
     one run (or one Docker image build) land on two workers and each makes its own. pytest 9.2 broke
@@ -66,8 +83,8 @@ def cifar_dataset(tmp_path_factory, tiny_cifar) -> Path:
     from kflift.components.augment import augment
 
     out = tmp_path_factory.mktemp("augmented") / "target"
-    augment(str(tiny_cifar), str(out), include_classes=["automobile", "truck"], copies=1,
-            val_fraction=0.2, test_fraction=0.25)
+    augment(str(tiny_cifar), str(out), include_classes=["automobile", "truck"],
+            **settings("augment", copies=1, val_fraction=0.2, test_fraction=0.25))
     return out
 
 
@@ -76,7 +93,7 @@ def source_dataset(tmp_path_factory, tiny_cifar) -> Path:
     from kflift.components.augment import augment
 
     out = tmp_path_factory.mktemp("augmented") / "source"
-    augment(str(tiny_cifar), str(out), include_classes=["airplane", "ship"], copies=0)
+    augment(str(tiny_cifar), str(out), include_classes=["airplane", "ship"], **settings("augment", copies=0))
     return out
 
 

@@ -11,8 +11,12 @@ import pytest
 from PIL import Image
 
 from conftest import copy_subset, kflift
-from kflift.components.augment import DEFAULT_OPS, augment, expand_training_record, split_of
+from kflift.components.augment import augment, expand_training_record, split_of
 from kflift.components.sources import DataError, list_images
+from kflift.pipeline.config import AugmentOps
+from conftest import settings
+
+OPS = AugmentOps().model_dump()
 
 MAX_PIXELS = 10_000  # the 32x32 shared images pass; the 200x200 "bomb" does not
 
@@ -49,7 +53,7 @@ def messy_folder(tmp_path_factory, cifar_dir) -> Path:
 
 def run_augment(src, out, **kw):
     args = dict(max_pixels=MAX_PIXELS, copies=2, val_fraction=0.2, test_fraction=0.3, shards=2)
-    return augment(str(src), str(out), **{**args, **kw})
+    return augment(str(src), str(out), **settings("augment", **{**args, **kw}))
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +156,12 @@ def test_split_of_follows_the_hash_fraction_and_moves_only_across_the_changed_bo
 def test_augmentation_is_seeded_and_each_op_applies():
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     rec = {"image": png_bytes(rgb), "label": "x", "sha256": "c" * 64}
-    a = expand_training_record(rec, 3, seed=1, ops=DEFAULT_OPS)
-    b = expand_training_record(rec, 3, seed=1, ops=DEFAULT_OPS)
-    c = expand_training_record(rec, 3, seed=2, ops=DEFAULT_OPS)
+    a = expand_training_record(rec, 3, seed=1, ops=OPS)
+    b = expand_training_record(rec, 3, seed=1, ops=OPS)
+    c = expand_training_record(rec, 3, seed=2, ops=OPS)
     assert [e["image"] for e in a] == [e["image"] for e in b]
     assert [e["image"] for e in a[1:]] != [e["image"] for e in c[1:]]
-    only_flip = {**DEFAULT_OPS, "crop_probability": 0, "rotation_probability": 0, "jitter_probability": 0,
+    only_flip = {**OPS, "crop_probability": 0, "rotation_probability": 0, "jitter_probability": 0,
                  "flip_probability": 1.0}
     flipped = Image.open(io.BytesIO(expand_training_record(rec, 1, 1, only_flip)[1]["image"]))
     assert np.array_equal(np.asarray(flipped), np.asarray(rgb)[:, ::-1])
@@ -200,7 +204,7 @@ def test_a_folder_without_a_valid_image_stops_augment_and_writes_nothing(tmp_pat
         (junk / c).mkdir(parents=True)
         (junk / c / "x.jpg").write_text("no image")
     with pytest.raises(DataError, match="no valid image"):
-        augment(str(junk), str(tmp_path / "out"))
+        augment(str(junk), str(tmp_path / "out"), **settings("augment"))
     assert not (tmp_path / "out").exists()
 
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from kflift.components import progress, tracking
+from kflift.components.runner import StageContext, run_stage
 from kflift.pipeline.console import Board, RunConsole, Stage, activity, figure
 
 EXECUTOR_JSON = ['    [KFP Executor 2026-11-27 17:13:45,445 INFO]: Got executor_input:', '    {',
@@ -123,8 +124,8 @@ def test_run_stage_reports_running_then_done_with_its_metrics_and_champion_or_fa
                 "register": {"name": "clf", "artifact_path": "evaluation/serving", "candidate": "transfer"}}
 
     with pytest.raises(ValueError):
-        tracking.run_stage("evaluate", evaluate, {"uri": uri, "parent_run_id": parent}, fail=True)
-    tracking.run_stage("evaluate", evaluate, {"uri": uri, "parent_run_id": parent}, fail=False)
+        run_stage("evaluate", evaluate, StageContext(uri, parent_run_id=parent), fail=True)
+    run_stage("evaluate", evaluate, StageContext(uri, parent_run_id=parent), fail=False)
     events = [e for e in map(progress.parse, capsys.readouterr().out.splitlines()) if e]
     assert [e.get("state") for e in events] == ["running", "failed", "running", "done"]
     assert {e["stage"] for e in events} == {"evaluate"} and events[0]["since"] > 0

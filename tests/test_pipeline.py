@@ -29,8 +29,9 @@ def test_ablation_trains_each_lever_alone_and_all_together(tmp_path):
     flags = {}
     for task in tasks.values():
         params = task["inputs"]["parameters"]
-        if "augmented" in params:
-            flags[params["stage"]["runtimeValue"]["constant"]] = params["augmented"]["runtimeValue"]["constant"]
+        settings = params.get("settings", {}).get("runtimeValue", {}).get("constant", {})
+        if "augmented" in settings:
+            flags[params["stage"]["runtimeValue"]["constant"]] = settings["augmented"]
     assert flags == {"train-baseline": False, "train-augmentation": True, "train-regularization": False,
                      "train-backbone": True, "finetune-transfer": False, "finetune-all": True}
 

@@ -2,7 +2,7 @@
 and the scoring server (`kflift serve`) answering /invocations like predict.
 
 One small champion for the module: a 1-epoch model on the shared augmented dataset, evaluated and
-registered through tracking.run_stage into a SQLite store, as a pipeline run registers it.
+registered through runner.run_stage into a SQLite store, as a pipeline run registers it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import settings
 
 from conftest import kflift, stop_process_group
 
@@ -28,16 +29,16 @@ CHAMPION = "models:/kflift-classifier@champion"
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory, cifar_dataset, tiny_cifar) -> dict:
     from kflift.components import build, evaluate, tracking, train
+    from kflift.components.runner import StageContext, run_stage
 
     root = tmp_path_factory.mktemp("champion")
-    build.build(str(cifar_dataset), str(root / "untrained"))
-    train.train(str(cifar_dataset), str(root / "untrained"), str(root / "model"), epochs=1)
+    build.build(str(cifar_dataset), str(root / "untrained"), **settings("build"))
+    train.train(str(cifar_dataset), str(root / "untrained"), str(root / "model"), **settings("train", epochs=1))
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     parent = tracking.start_parent_run(uri, "kflift", "serve-test", {})
-    result = tracking.run_stage("evaluate", evaluate.evaluate,
-                                {"uri": uri, "parent_run_id": parent, "experiment": "kflift", "run_id": "serve-test"},
-                                dataset_dir=str(cifar_dataset), candidates={"baseline": str(root / "model")},
-                                output_dir=str(root / "evaluation"))
+    result = run_stage("evaluate", evaluate.evaluate, StageContext(uri, "kflift", parent, "serve-test"),
+                       dataset_dir=str(cifar_dataset), candidates={"baseline": str(root / "model")},
+                       output_dir=str(root / "evaluation"), **settings("evaluate"))
     assert result["register"]["artifact_path"] == "evaluation/mlflow_model"
     images = [sorted((tiny_cifar / c).iterdir())[0] for c in ("automobile", "truck")]
     return {"uri": uri, "serving": root / "evaluation" / "serving", "mlflow_model": root / "evaluation" / "mlflow_model",

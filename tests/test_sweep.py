@@ -23,7 +23,7 @@ def test_select_best_copies_the_model_with_the_best_validation_epoch(tmp_path):
         write_json(d / "params.json", {"learning_rate": 10 ** -i})
         (d / "model.keras").write_text(f"model {i}")
         dirs.append(str(d))
-    result = select_best(dirs, str(tmp_path / "best"))
+    result = select_best(dirs, str(tmp_path / "best"), metric="val_accuracy")
     assert (tmp_path / "best" / "model.keras").read_text() == "model 1"
     assert result["best"] == {"learning_rate": 0.1} and result["metrics"]["best_val_accuracy"] == 0.9
     assert json.loads((tmp_path / "best" / "params.json").read_text())["learning_rate"] == 0.1

@@ -3,6 +3,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kflift.components import tracking
+from kflift.components.runner import StageContext, run_stage
 
 
 def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path, sqlite_tracking_uri):
@@ -18,7 +19,7 @@ def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path,
                 "artifacts": [("plots", tmp_path / "curve.png"), ("evaluation/serving", tmp_path / "model")],
                 "register": {"name": "clf", "artifact_path": "evaluation/serving", "candidate": "transfer"}}
 
-    tracking.run_stage("evaluate", stage, {"uri": uri, "parent_run_id": parent}, value=0.75)
+    run_stage("evaluate", stage, StageContext(uri, parent_run_id=parent), value=0.75)
     client = MlflowClient(uri)
     runs = tracking.stage_runs(uri, parent)
     assert set(runs) == {"evaluate"} and runs["evaluate"]["status"] == "FINISHED"
@@ -30,7 +31,7 @@ def test_stage_runs_nest_under_the_parent_and_the_winner_is_registered(tmp_path,
     version = client.get_model_version_by_alias("clf", "champion")
     assert version.run_id == child.info.run_id and version.tags["kflift.candidate"] == "transfer"
     # a second run registers a new version and moves the alias
-    tracking.run_stage("evaluate", stage, {"uri": uri, "parent_run_id": parent}, value=0.8)
+    run_stage("evaluate", stage, StageContext(uri, parent_run_id=parent), value=0.8)
     assert int(client.get_model_version_by_alias("clf", "champion").version) == int(version.version) + 1
 
 
@@ -42,7 +43,7 @@ def test_a_failing_stage_is_marked_failed(sqlite_tracking_uri):
         raise ValueError("bad input file x.png")
 
     with pytest.raises(ValueError, match="x.png"):
-        tracking.run_stage("train-baseline", broken, {"uri": uri, "parent_run_id": parent})
+        run_stage("train-baseline", broken, StageContext(uri, parent_run_id=parent))
     assert tracking.stage_runs(uri, parent)["train-baseline"]["status"] == "FAILED"
 
 
@@ -52,9 +53,9 @@ def test_cluster_runs_share_one_parent_found_by_run_id(sqlite_tracking_uri):
     uri = sqlite_tracking_uri
     client = MlflowClient(uri)
     for job, stages in (("kfp-job-7", ("augment", "build-baseline")), ("kfp-job-8", ("augment",))):
-        ctx = tracking.coordinates(uri, "exp", parent_run_id="", run_id="", job_id=job, cache_dir="", cache_mode="")
+        ctx = StageContext(uri, "exp", parent_run_id="", run_id="", job_id=job, cache_dir="", cache_mode="")
         for stage in stages:
-            tracking.run_stage(stage, lambda: {}, ctx)
+            run_stage(stage, lambda: {}, ctx)
         parents = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
                                      filter_string=f"tags.`kflift.run_id` = '{job}'")
         top = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
