@@ -24,9 +24,10 @@ class StageContext:
     cache_mode: str = ""  # "use", "refresh" (--no-cache: run afresh, still store) or "" (off)
 
 
-def run_stage(name: str, stage: Stage | Callable[..., StageResult], ctx: StageContext, *,
+def run_stage(name: str, stage: Stage | Callable[..., StageResult], ctx: StageContext, /, *,
               artifacts: dict | None = None, kfp_metrics=None, **kwargs) -> StageResult:
-    """Run `stage` (a table entry, or any stage-like function: never cached) as the MLflow run `name`.
+    """Run `stage` (a table entry, or any stage-like function: never cached) as the MLflow run `name`
+    (positional: a stage may take a `name` of its own, as train does).
 
     `artifacts` maps the stage's path arguments to KFP artifacts (or lists or dicts of them): the
     function gets their paths, the cache their fingerprints. `kfp_metrics` (a KFP Metrics artifact)

@@ -65,3 +65,12 @@ def test_cluster_runs_share_one_parent_found_by_run_id(sqlite_tracking_uri):
 def test_unreachable_server_gives_one_clear_error():
     with pytest.raises(tracking.TrackingError, match="not usable"):
         tracking.start_parent_run("http://127.0.0.1:9", "exp", "run-3", {})
+
+
+def test_a_stage_may_take_an_argument_called_name(sqlite_tracking_uri):
+    """train takes `name` (its plot's title): it reaches the stage, not the runner's run name."""
+    parent = tracking.start_parent_run(sqlite_tracking_uri, "exp", "run-n", {})
+    result = run_stage("train-baseline", lambda name: {"params": {"title": name}},
+                       StageContext(sqlite_tracking_uri, "exp", parent_run_id=parent), name="baseline curve")
+    assert result["params"] == {"title": "baseline curve"}
+    assert tracking.stage_runs(sqlite_tracking_uri, parent)["train-baseline"]["status"] == "FINISHED"
