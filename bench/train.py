@@ -45,7 +45,9 @@ def main() -> int:
     def bare_fit() -> float:
         """The same model and tf.data pipeline, plain compile + fit, nothing else."""
         model = load_model(work / "untrained")
-        train.compile_model(model, read_meta(dataset)["num_classes"], 1e-3)
+        train.compile_model(model, read_meta(dataset)["num_classes"], learning_rate=cfg.train.learning_rate,
+                            optimizer=cfg.train.optimizer, label_smoothing=cfg.train.label_smoothing,
+                            weight_decay=cfg.train.weight_decay)
         data = load_split(dataset, "train", args.batch_size, shuffle=True)
         val = load_split(dataset, "val", args.batch_size)
         start = time.perf_counter()

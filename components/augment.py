@@ -95,7 +95,7 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 
 def augment_image(rgb: Image.Image, rng: np.random.Generator, ops: dict) -> Image.Image:
-    """One random variant: random crop, rotation, flip, colour jitter, each with its probability
+    """One random variant: random crop, rotation, flip, colour jitter, cutout, each with its probability
     (`ops`: the fields of config's AugmentOps)."""
     o = ops
     w, h = rgb.size
@@ -126,6 +126,14 @@ def augment_image(rgb: Image.Image, rng: np.random.Generator, ops: dict) -> Imag
             hsv = np.asarray(rgb.convert("HSV")).copy()
             hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.uniform(-o["hue"], o["hue"]) * 255)) % 256
             rgb = Image.fromarray(hsv, mode="HSV").convert("RGB")
+    if o["cutout_probability"] > 0 and rng.random() < o["cutout_probability"]:
+        # Cutout (random erasing): a square of the image's mean colour, centred anywhere, clipped at the edges.
+        pixels = np.asarray(rgb).copy()
+        side = max(1, round(o["cutout_fraction"] * min(w, h)))
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        top, left = max(0, cy - side // 2), max(0, cx - side // 2)
+        pixels[top:cy + side - side // 2, left:cx + side - side // 2] = pixels.reshape(-1, 3).mean(axis=0)
+        rgb = Image.fromarray(pixels)
     return rgb
 
 

@@ -54,11 +54,12 @@ def augmentation_layers(ops: dict) -> keras.Sequential:
 
 def build_model(image_size: int, num_classes: int, *, architecture: str, width: float, depth: int, batch_norm: bool,
                 global_pool: bool, dropout: float, l1: float, l2: float, seed: int, online_ops: dict) -> keras.Model:
-    """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output) or an Applications model.
+    """The seed's CNN (Conv32-pool-Conv64-pool-Flatten-Dense64-output), a small residual net, or an
+    Applications model.
 
     CNN variants: `width` scales filters and units, `depth` sets the conv blocks (filters double
     each block), `batch_norm` adds BatchNormalization after each conv, `global_pool` replaces
-    Flatten with global average pooling.
+    Flatten with global average pooling. `resnet`: see `residual_features`.
     """
     keras.utils.set_random_seed(seed)
     reg = regularizers.L1L2(l1=l1, l2=l2) if (l1 > 0 or l2 > 0) else None
@@ -79,6 +80,8 @@ def build_model(image_size: int, num_classes: int, *, architecture: str, width: 
         x = (layers.GlobalAveragePooling2D(name="gap") if global_pool else layers.Flatten(name="flatten"))(x)
         x = layers.Dense(max(1, round(64 * width)), activation="relu", kernel_regularizer=reg,
                          name="features")(x)
+    elif architecture == "resnet":
+        x = residual_features(x, width=width, depth=depth, reg=reg)
     else:
         backbone = application_backbone(architecture, image_size, weights=None)
         x = layers.Identity(name="features")(backbone(x))
@@ -86,6 +89,26 @@ def build_model(image_size: int, num_classes: int, *, architecture: str, width: 
         x = layers.Dropout(dropout, name="dropout")(x)
     outputs = classifier_head(x, num_classes)
     return keras.Model(inputs, outputs, name=f"{architecture}")
+
+
+def residual_features(x, *, width: float, depth: int, reg):
+    """The residual net of the CIFAR-10 speed records (ResNet-9 style), made small: a conv-BN-ReLU
+    stem, then `depth` stages of conv-BN-ReLU, 2x2 max-pool and a residual block (two conv-BN-ReLU
+    added back); filters 32·2^stage·width; global average pooling (`gap`) to the features."""
+    def conv_bn_relu(x, filters: int, name: str):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"{name}_conv")(x)
+        return layers.ReLU(name=f"{name}_relu")(layers.BatchNormalization(name=f"{name}_bn")(x))
+
+    x = conv_bn_relu(x, max(8, round(32 * width)), "stem")
+    for i in range(1, depth + 1):
+        filters = max(8, round(32 * 2 ** i * width))
+        x = conv_bn_relu(x, filters, f"stage{i}")
+        if x.shape[1] > 1:
+            x = layers.MaxPooling2D(name=f"stage{i}_pool")(x)
+        block = conv_bn_relu(conv_bn_relu(x, filters, f"stage{i}_res1"), filters, f"stage{i}_res2")
+        x = layers.Add(name=f"stage{i}_add")([x, block])
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return layers.Identity(name="features")(x)
 
 
 def build(dataset_dir: str, output_path: str, *, architecture: str, width: float, depth: int, batch_norm: bool,

@@ -14,12 +14,16 @@ from .serve import export_serving, save_mlflow_model
 from .stages import StageResult
 
 
-def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256):
-    """Class probabilities (n, classes) and true labels of a split."""
+def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256, tta: bool = False):
+    """Class probabilities (n, classes) and true labels of a split; with `tta` each image's
+    probabilities are the mean over it and its mirror image."""
+    import tensorflow as tf
+
     model = load_model(model_dir)
     probs, labels = [], []
     for images, y in load_split(dataset_dir, split, batch_size):
-        probs.append(model.predict_on_batch(images))
+        p = model.predict_on_batch(images)
+        probs.append((p + model.predict_on_batch(tf.image.flip_left_right(images))) / 2 if tta else p)
         labels.append(y.numpy())
     p = np.concatenate(probs)
     if p.shape[1] == 1:  # one sigmoid unit: P(class 1)
@@ -47,15 +51,16 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, metric: str, min_metric: float,
-             registry_name: str, baseline: str = "baseline", export: bool = True) -> StageResult:
+             registry_name: str, tta: bool, baseline: str = "baseline", export: bool = True) -> StageResult:
     """Score each candidate model on the test split; the best that passes the gate wins.
-    Settings from config (`EvaluateConfig.stage_kwargs`); lifts are measured against `baseline`."""
+    Settings from config (`EvaluateConfig.stage_kwargs`); lifts are measured against `baseline`.
+    `tta`: every candidate, and the champion's serving model, predict on each image and its mirror."""
     meta = read_meta(dataset_dir)
     labels = meta["labels"]
     work = staging_dir(output_dir)
     scores, matrices, per_class, binary_probs, preds, probs_of = {}, {}, {}, {}, {}, {}
     for name, model_dir in candidates.items():
-        probs, y = probs_of[name] = predict(model_dir, dataset_dir)
+        probs, y = probs_of[name] = predict(model_dir, dataset_dir, tta=tta)
         pred = preds[name] = probs.argmax(axis=1)
         scores[name] = classification_metrics(probs, y)
         by_class = skm.classification_report(y, pred, labels=range(len(labels)), output_dict=True, zero_division=0)
@@ -80,7 +85,7 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, m
         shutil.copytree(candidates[winner], work / "champion")
         if export:  # raw image bytes in, probabilities out: the transform graph travels with the model
             export_serving(str(work / "champion"), str(Path(dataset_dir) / "transform_fn"), str(work / "serving"),
-                           labels)
+                           labels, tta)
             # ... and as an MLflow pyfunc model around it: what the registry's champion is
             save_mlflow_model(work / "serving", work / "mlflow_model", labels)
     if binary_probs:
@@ -102,7 +107,7 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, m
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
     return {
-        "params": {"metric": metric, "min_metric": min_metric, "baseline": baseline,
+        "params": {"metric": metric, "min_metric": min_metric, "baseline": baseline, "tta": tta,
                    "candidates": list(candidates), "winner": winner or "none"},
         "metrics": {f"{n}.{k}": v for n, s in scores.items() for k, v in s.items()},
         "artifacts": [("evaluation", out)],

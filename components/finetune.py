@@ -59,8 +59,9 @@ def unfreeze_top_layers(backbone: keras.Model, n: int) -> list[str]:
 
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, *, weights: str, backbone: str,
              frozen_epochs: int, finetune_epochs: int, unfreeze_top: int, finetune_lr_factor: float, head: str,
-             head_units: int, batch_size: int, learning_rate: float, optimizer: str, mixed_precision: str,
-             distribute: str, seed: int, patience: int, monitor: str, augmented: bool,
+             head_units: int, batch_size: int, learning_rate: float, optimizer: str, label_smoothing: float,
+             weight_decay: float, mixed_precision: str, distribute: str, seed: int, patience: int, monitor: str,
+             augmented: bool,
              checkpoint_dir: str | None = None, resume: bool = False) -> StageResult:
     """Transfer: a new head on the backbone, trained frozen (`frozen_epochs`), then the top
     `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`).
@@ -84,8 +85,9 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
 
     ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     frozen_before = [w.numpy().copy() for w in base.weights]
-    fit_args = dict(batch_size=batch_size, optimizer=optimizer, patience=patience, seed=seed, augmented=augmented,
-                    monitor=monitor, mixed_precision=mixed_precision, distribute=distribute, resume=resume)
+    fit_args = dict(batch_size=batch_size, optimizer=optimizer, schedule="constant", label_smoothing=label_smoothing,
+                    weight_decay=weight_decay, patience=patience, seed=seed, augmented=augmented, monitor=monitor,
+                    mixed_precision=mixed_precision, distribute=distribute, resume=resume)
     model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, learning_rate=learning_rate,
                          phase="frozen", **fit_args)
     base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 MODEL_CODE_MODULE = "kflift_serve"
 
 
-def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[str]) -> str:
+def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[str], tta: bool) -> str:
     import tensorflow as tf
     import tensorflow_transform as tft
 
@@ -43,6 +43,8 @@ def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[st
             blank = tf.fill(tf.shape(image_bytes), "")  # label and key are not known when serving
             images = self.transform({"image": image_bytes, "label": blank, "key": blank})["image"]
             probs = self.model(images, training=False)
+            if tta:  # the mean over the image and its mirror, as evaluate scored it
+                probs = (probs + self.model(tf.image.flip_left_right(images), training=False)) / 2
             if probs.shape[-1] == 1:  # one sigmoid unit: P(second class)
                 probs = tf.concat([1.0 - probs, probs], axis=-1)
             best = tf.argmax(probs, axis=-1)
@@ -56,11 +58,12 @@ def _export(model_dir: str, transform_dir: str, export_dir: str, labels: list[st
     return export_dir
 
 
-def export_serving(model_dir: str, transform_dir: str, export_dir: str, labels: list[str]) -> str:
-    """Write a SavedModel whose `serving_default` maps image bytes to class probabilities."""
+def export_serving(model_dir: str, transform_dir: str, export_dir: str, labels: list[str], tta: bool) -> str:
+    """Write a SavedModel whose `serving_default` maps image bytes to class probabilities (with
+    `tta`, the mean over each image and its mirror)."""
     from kflift.components.processes import in_child_process
 
-    return in_child_process(_export, model_dir, transform_dir, export_dir, labels)
+    return in_child_process(_export, model_dir, transform_dir, export_dir, labels, tta)
 
 
 @dataclass(frozen=True)

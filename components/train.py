@@ -23,14 +23,27 @@ from .records import load_split, read_meta, split_size
 from .stages import StageResult
 
 
-OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
-              "rmsprop": keras.optimizers.RMSprop, "adamw": keras.optimizers.AdamW}
-SCHEDULES = ("constant", "cosine", "step", "plateau")
+# Weight decay is decoupled (Keras applies it to the weights, apart from the gradient): adamw and sgd
+# take it; adam and rmsprop train without it.
+OPTIMIZERS = {"adam": lambda lr, wd: keras.optimizers.Adam(lr),
+              "adamw": lambda lr, wd: keras.optimizers.AdamW(lr, weight_decay=wd),
+              "sgd": lambda lr, wd: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd or None),
+              "rmsprop": lambda lr, wd: keras.optimizers.RMSprop(lr)}
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step", "plateau")
 
 
-def compile_model(model: keras.Model, num_classes: int, learning_rate: float, optimizer: str = "adam") -> None:
-    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=OPTIMIZERS[optimizer](learning_rate), loss=loss, metrics=["accuracy"])
+def compile_model(model: keras.Model, num_classes: int, *, learning_rate: float, optimizer: str,
+                  label_smoothing: float, weight_decay: float) -> None:
+    """Binary: one sigmoid unit; multi-class: softmax against one-hot labels (`one_hot`), so both
+    can smooth their labels."""
+    loss = (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if num_classes == 2 else
+            keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
+    model.compile(optimizer=OPTIMIZERS[optimizer](learning_rate, weight_decay), loss=loss, metrics=["accuracy"])
+
+
+def one_hot(ds, num_classes: int):
+    """(image, label) batches as the loss of `compile_model` takes them."""
+    return ds if num_classes == 2 else ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
 
 
 def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor: str, patience: int):
@@ -38,6 +51,11 @@ def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor:
     if schedule == "cosine":
         return keras.callbacks.LearningRateScheduler(
             lambda e: learning_rate * 0.5 * (1 + math.cos(math.pi * e / max(1, epochs))))
+    if schedule == "warmup_cosine":  # linear up over the first fifth of the epochs, then cosine down
+        warmup = max(1, round(epochs / 5))
+        return keras.callbacks.LearningRateScheduler(
+            lambda e: learning_rate * (e + 1) / warmup if e < warmup else
+            learning_rate * 0.5 * (1 + math.cos(math.pi * (e - warmup) / max(1, epochs - warmup))))
     if schedule == "step":  # halve every third of the run
         return keras.callbacks.LearningRateScheduler(lambda e: learning_rate * 0.5 ** (e // max(1, epochs // 3)))
     if schedule == "plateau":
@@ -149,10 +167,9 @@ def _truncate_log(log_path: Path, epochs: int) -> None:
 
 
 def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: int, batch_size: int,
-        learning_rate: float, optimizer: str = "adam", schedule: str = "constant", patience: int = 0,
-        seed: int = 42, phase: str = "", resume: bool = False, augmented: bool = True,
-        monitor: str = "val_loss", mixed_precision: str = "auto", distribute: str = "auto"
-        ) -> tuple[keras.Model, list[dict]]:
+        learning_rate: float, optimizer: str, schedule: str, label_smoothing: float, weight_decay: float,
+        patience: int, seed: int, augmented: bool, monitor: str, mixed_precision: str, distribute: str,
+        phase: str = "", resume: bool = False) -> tuple[keras.Model, list[dict]]:
     """Compile and fit with a checkpoint each epoch; early stopping on `monitor` when `patience` > 0.
 
     With `resume`, continue from the newest checkpoint of this phase. Mixed precision and the
@@ -174,7 +191,8 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     with strategy.scope():  # variables made here are mirrored over the strategy's devices
         if policy != "float32" or strategy is not tf.distribute.get_strategy():
             model = with_policy(model, policy)
-        compile_model(model, meta["num_classes"], learning_rate, optimizer)  # loss scaling under float16
+        compile_model(model, meta["num_classes"], learning_rate=learning_rate, optimizer=optimizer,
+                      label_smoothing=label_smoothing, weight_decay=weight_decay)  # loss scaling under float16
         if checkpoint is not None:
             progress("train", note=f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})")
             # Into the model as the caller made it (which layers are frozen is not in a checkpoint's
@@ -188,11 +206,11 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     if policy != "float32" or strategy.num_replicas_in_sync > 1:
         print(f"{tag}: {policy} on {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})",
               flush=True)
-    train_ds = load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented,
-                          epochs=(done, epochs))
+    train_ds = one_hot(load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented,
+                                  epochs=(done, epochs)), meta["num_classes"])
     steps = math.ceil(split_size(dataset_dir, "train", augmented) / batch_size)
     has_val = split_size(dataset_dir, "val") > 0
-    val_ds = load_split(dataset_dir, "val", batch_size) if has_val else None
+    val_ds = one_hot(load_split(dataset_dir, "val", batch_size), meta["num_classes"]) if has_val else None
     monitor = monitor if has_val else monitor.removeprefix("val_")
     callbacks = [c for c in (schedule_callback(schedule, learning_rate, epochs, monitor, patience),) if c]
     callbacks.append(_EpochSeed(seed))
@@ -253,7 +271,8 @@ class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, batch_size: int, learning_rate: float,
-          optimizer: str, schedule: str, mixed_precision: str, distribute: str, seed: int, patience: int,
+          optimizer: str, schedule: str, label_smoothing: float, weight_decay: float, mixed_precision: str,
+          distribute: str, seed: int, patience: int,
           monitor: str, name: str, augmented: bool, checkpoint_dir: str | None = None,
           resume: bool = False) -> StageResult:
     """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`.
@@ -267,7 +286,8 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, bat
     start = time.time()
     ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     model, history = fit(load_model(model_dir), dataset_dir, ckpt, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, patience=patience,
+                         learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
+                         label_smoothing=label_smoothing, weight_decay=weight_decay, patience=patience,
                          seed=seed, resume=resume, augmented=augmented, monitor=monitor,
                          mixed_precision=mixed_precision, distribute=distribute)
     seconds = time.time() - start
@@ -276,7 +296,8 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, bat
     curve = plots.learning_curve(history, work / "learning_curve.png", f"{name}: learning curve")
     write_json(work / "history.json", history)
     params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-              "schedule": schedule, "early_stopping_patience": patience, "early_stopping_monitor": monitor,
+              "schedule": schedule, "label_smoothing": label_smoothing, "weight_decay": weight_decay,
+              "early_stopping_patience": patience, "early_stopping_monitor": monitor,
               "mixed_precision": mixed_precision, "distribute": distribute, "seed": seed, "resumed": resume,
               "augmented_data": augmented, **load_model_params(model_dir)}
     write_json(work / "params.json", params)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kflift.pipeline.config import ConfigError, load_config
+from .config import ConfigError, load_config
 
 
 def _beam_args(p: argparse.ArgumentParser) -> None:
@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from kflift.components.sources import DataError
-    from kflift.components.tracking import TrackingError
-    from kflift.pipeline.console import RunConsole
-    from kflift.pipeline.images import ImageError
-    from kflift.pipeline.local_run import StageFailed, run_local
+    from ..components.sources import DataError
+    from ..components.tracking import TrackingError
+    from .console import RunConsole
+    from .images import ImageError
+    from .local_run import StageFailed, run_local
 
     overrides = list(args.overrides)
     if args.resume and (args.config or overrides or args.data or args.tracking_uri or args.beam_options
@@ -216,8 +216,8 @@ def _run(args) -> int:
 def _stage(args) -> int:
     import json
 
-    from kflift.components.augment import augment
-    from kflift.components.sources import DataError
+    from ..components.augment import augment
+    from ..components.sources import DataError
 
     cfg = load_config(args.config, args.overrides)
     cfg.augment.beam_options += args.beam_options
@@ -241,8 +241,8 @@ def _stage(args) -> int:
 def _predict(args) -> int:
     import json
 
-    from kflift.components.serve import predict_files
-    from kflift.pipeline.config import AugmentConfig
+    from ..components.serve import predict_files
+    from .config import AugmentConfig
 
     if not Path(args.model, "saved_model.pb").is_file():
         print(f"kflift: {args.model} is not a serving model (no saved_model.pb)", file=sys.stderr)
@@ -281,8 +281,8 @@ def _predict(args) -> int:
 def _serve(args) -> int:
     import os
 
-    from kflift.components.tracking import TrackingError, default_tracking_uri, resolve_model
-    from kflift.pipeline.config import EvaluateConfig
+    from ..components.tracking import TrackingError, default_tracking_uri, resolve_model
+    from .config import EvaluateConfig
 
     uri = args.tracking_uri or default_tracking_uri(args.output)
     model = args.model or f"models:/{EvaluateConfig().registry_name}@champion"
@@ -303,7 +303,7 @@ def _serve(args) -> int:
 
 
 def _submit(args) -> int:
-    from kflift.pipeline.submit import SubmitError, submit
+    from .submit import SubmitError, submit
 
     # --data-dir is the user's own data: the demo's digits source does not apply (config.NO_SOURCE_NOTE).
     cfg = load_config(args.config, [f"data={args.data_dir}", *args.overrides])
@@ -320,7 +320,7 @@ def _submit(args) -> int:
 def _compile(args) -> int:
     from kfp import compiler
 
-    from kflift.pipeline.pipeline import make_pipeline
+    from .pipeline import make_pipeline
 
     cfg = load_config(args.config, args.overrides)
     compiler.Compiler().compile(make_pipeline(cfg), args.output)
@@ -331,7 +331,7 @@ def _compile(args) -> int:
 def _ui(args) -> int:
     import os
 
-    from kflift.components.tracking import default_tracking_uri
+    from ..components.tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.output)
     print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C to stop)", flush=True)
@@ -342,7 +342,7 @@ def _ui(args) -> int:
 
 
 def _server(args) -> int:
-    from kflift.pipeline.server import ServerError, serve
+    from .server import ServerError, serve
 
     try:
         return serve(args.output, args.host, args.port, args.backend_store_uri, args.artifacts_destination,
@@ -353,7 +353,7 @@ def _server(args) -> int:
 
 
 def _images(args) -> int:
-    from kflift.pipeline import images
+    from . import images
 
     try:
         if args.images_command == "wheelhouse":
@@ -380,13 +380,13 @@ def _images(args) -> int:
 
 
 def _store(args) -> str:
-    from kflift.components.tracking import default_tracking_uri
+    from ..components.tracking import default_tracking_uri
 
     return args.tracking_uri or default_tracking_uri(args.output)
 
 
 def _runs(args) -> int:
-    from kflift.components.tracking import pipeline_runs
+    from ..components.tracking import pipeline_runs
 
     rows = pipeline_runs(_store(args), args.experiment, args.limit)
     if not rows:
@@ -400,7 +400,7 @@ def _runs(args) -> int:
 
 
 def _show(args) -> int:
-    from kflift.components.tracking import TrackingError, find_pipeline_run
+    from ..components.tracking import TrackingError, find_pipeline_run
 
     try:
         run = find_pipeline_run(_store(args), args.experiment, args.run_id)

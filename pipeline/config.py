@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 NO_TRANSFER = "none"
 # The one list of model architectures (components/build.py builds each; a test holds them equal).
-Architecture = Literal["cnn", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"]
+Architecture = Literal["cnn", "resnet", "mobilenetv2", "resnet50", "vgg16", "efficientnetb0"]
 NO_SOURCE_NOTE = ("no transfer source named, so no transfer candidate: add one with "
                   "--set transfer.source_classes=A,B (classes of --data held out), transfer.source_dir=DIR "
                   "or transfer.weights=imagenet|FILE")
@@ -28,7 +28,8 @@ class _Section(BaseModel):
 
 
 class AugmentOps(_Section):
-    """The four augmentations of the seed, each with its parameters and probability."""
+    """The augmentations: the seed's four (crop, rotation, flip, colour jitter) and cutout, each with its
+    parameters and probability."""
     crop_probability: float = Field(1.0, ge=0.0, le=1.0)
     crop_mode: Literal["pad", "resized"] = Field("pad", description="pad-and-crop shift or resized crop")
     crop_fraction: float = Field(0.1, ge=0.0, le=0.5, description="shift (pad) or area loss (resized)")
@@ -42,6 +43,8 @@ class AugmentOps(_Section):
     contrast: float = Field(0.15, ge=0.0, lt=1.0)
     saturation: float = Field(0.15, ge=0.0, lt=1.0)
     hue: float = Field(0.02, ge=0.0, le=0.5)
+    cutout_probability: float = Field(0.0, ge=0.0, le=1.0, description="erase a square (offline copies only)")
+    cutout_fraction: float = Field(0.25, gt=0.0, le=0.75, description="the erased square's side / the image's")
 
 
 class AugmentConfig(_Section):
@@ -84,7 +87,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1, le=8192)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    schedule: Literal["constant", "cosine", "warmup_cosine", "step", "plateau"] = "constant"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="targets 1-s and s/classes instead of 1 and 0")
+    weight_decay: float = Field(0.0, ge=0.0, le=0.1, description="decoupled weight decay of adamw and sgd")
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="float16 compute with float32 weights: auto = when a GPU is present")
     distribute: Literal["auto", "none", "mirrored"] = Field(
@@ -96,8 +101,8 @@ class TrainConfig(_Section):
 
     def fit_kwargs(self) -> dict:
         """What every training stage (train, finetune) takes from this section."""
-        return self.model_dump(include={"batch_size", "learning_rate", "optimizer", "mixed_precision",
-                                        "distribute", "seed"})
+        return self.model_dump(include={"batch_size", "learning_rate", "optimizer", "label_smoothing",
+                                        "weight_decay", "mixed_precision", "distribute", "seed"})
 
     def stage_kwargs(self) -> dict:
         """The train stage's arguments from this section."""
@@ -161,10 +166,12 @@ class EvaluateConfig(_Section):
     min_metric: float = Field(0.0, ge=0.0, le=1.0, description="quality gate")
     ablation: bool = Field(False, description="train each lever alone and all together, side by side")
     registry_name: str = Field("kflift-classifier", min_length=1, description="MLflow registered model")
+    tta: bool = Field(False, description="test-time augmentation: candidates and the serving model predict "
+                      "on each image and its mirror image, and average")
 
     def stage_kwargs(self) -> dict:
         """The evaluate stage's arguments from this section."""
-        return self.model_dump(include={"metric", "min_metric", "registry_name"})
+        return self.model_dump(include={"metric", "min_metric", "registry_name", "tta"})
 
 
 class ImagesConfig(_Section):

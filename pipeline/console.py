@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kflift.components.progress import parse
+from ..components.progress import parse
 
 ICONS = {"waiting": "·", "running": "▸", "cached": "≡", "done": "✓", "failed": "✗"}
 STYLES = {"waiting": "dim", "running": "yellow", "cached": "cyan", "done": "green", "failed": "bold red"}

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kflift import __version__
-from kflift.pipeline.config import Config
+from .config import Config
 
 DOCKERFILE = "containers/Dockerfile"
 SOURCE = "https://github.com/kflift/kflift"
@@ -91,7 +91,7 @@ def stage_images(cfg: Config) -> dict[str, str]:
 
 
 def _record_build(cfg: Config, built: dict[str, str]) -> None:
-    from kflift.components.files import write_json
+    from ..components.files import write_json
 
     write_json(Path(cfg.output) / LAST_BUILD, {**last_build(cfg), **built})
 

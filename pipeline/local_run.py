@@ -9,11 +9,11 @@ import shutil
 import time
 from pathlib import Path
 
-from kflift.components import tracking
-from kflift.components.sources import DataError, list_images, write_digits_folder
-from kflift.components.files import publish_dir, staging_dir, write_json
-from kflift.pipeline.config import NO_SOURCE_NOTE, NO_TRANSFER, Config
-from kflift.pipeline.console import RunConsole
+from ..components import tracking
+from ..components.sources import DataError, list_images, write_digits_folder
+from ..components.files import publish_dir, staging_dir, write_json
+from .config import NO_SOURCE_NOTE, NO_TRANSFER, Config
+from .console import RunConsole
 
 
 class StageFailed(RuntimeError):
@@ -84,7 +84,7 @@ def run_local(cfg: Config, runner: str = "subprocess", cache: bool = True, resum
     """
     import kfp.local
 
-    from kflift.pipeline.pipeline import make_pipeline
+    from .pipeline import make_pipeline
 
     console = console or RunConsole()
     output = Path(cfg.output).resolve()
@@ -202,7 +202,7 @@ def planned_stages(pipeline) -> list[str]:
 
 def docker_engine(cfg: Config):
     """The engine for --runner docker, once it holds the configured images (else ImageError)."""
-    from kflift.pipeline.images import ImageError, engine, missing_images, stage_images
+    from .images import ImageError, engine, missing_images, stage_images
 
     client = engine()
     missing = missing_images(client, set(stage_images(cfg).values()))

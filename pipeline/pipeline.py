@@ -6,10 +6,10 @@ cluster needs (see `on_cluster`); kfp.local ignores that.
 """
 from kfp import dsl, kubernetes
 
-from kflift.components.sweep import grid_points
-from kflift.pipeline.config import NO_TRANSFER, Config
-from kflift.pipeline.images import stage_images
-from kflift.pipeline.kfp_components import make_components
+from ..components.sweep import grid_points
+from .config import NO_TRANSFER, Config
+from .images import stage_images
+from .kfp_components import make_components
 
 UNREGULARIZED = {"dropout": 0.0, "l1": 0.0, "l2": 0.0}
 

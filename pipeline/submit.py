@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from kflift.pipeline.config import Config
+from .config import Config
 
 
 class SubmitError(RuntimeError):
@@ -61,7 +61,7 @@ def submit(cfg: Config, host: str, data_dir: str, source_dir: str = "", experime
     import kfp
     from kfp import compiler
 
-    from kflift.pipeline.pipeline import make_pipeline
+    from .pipeline import make_pipeline
 
     tracking_uri = tracking_uri or cfg.cluster.tracking_uri
     check_tracking_uri(tracking_uri)

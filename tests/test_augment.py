@@ -165,6 +165,13 @@ def test_augmentation_is_seeded_and_each_op_applies():
                  "flip_probability": 1.0}
     flipped = Image.open(io.BytesIO(expand_training_record(rec, 1, 1, only_flip)[1]["image"]))
     assert np.array_equal(np.asarray(flipped), np.asarray(rgb)[:, ::-1])
+    only_cutout = {**only_flip, "flip_probability": 0.0, "cutout_probability": 1.0, "cutout_fraction": 0.25}
+    erased = np.asarray(Image.open(io.BytesIO(expand_training_record(rec, 1, 1, only_cutout)[1]["image"])))
+    changed = (erased != np.asarray(rgb)).any(axis=2)
+    rows, cols = np.nonzero(changed)
+    # One square of at most 8x8 pixels (a quarter of the side), all of one colour: the image's mean.
+    assert 0 < changed.sum() <= 64 and np.ptp(rows) < 8 and np.ptp(cols) < 8
+    assert len({tuple(p) for p in erased[changed]}) == 1
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_the_checkpointing_stages_are_the_ones_that_take_checkpoints():
 def test_one_list_of_architectures_and_build_makes_each():
     from kflift.components.build import APPLICATIONS
 
-    assert set(typing.get_args(Architecture)) == {"cnn", *APPLICATIONS}
+    assert set(typing.get_args(Architecture)) == {"cnn", "resnet", *APPLICATIONS}
     for section, field in (("model", "architecture"), ("transfer", "backbone")):
         assert Config.model_fields[section].annotation.model_fields[field].annotation is Architecture
 

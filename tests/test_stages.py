@@ -200,7 +200,8 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_p
 
 
 @pytest.mark.slow
-def test_serving_model_on_raw_bytes_equals_evaluate(cifar_dataset, tiny_cifar, tmp_path):
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_serving_model_on_raw_bytes_equals_evaluate(tta, cifar_dataset, tiny_cifar, tmp_path):
     import hashlib
 
     import tensorflow as tf
@@ -209,10 +210,12 @@ def test_serving_model_on_raw_bytes_equals_evaluate(cifar_dataset, tiny_cifar, t
 
     build.build(str(cifar_dataset), str(tmp_path / "untrained"), **settings("build"))
     train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "m"), **settings("train", epochs=2))
-    result = evaluate.evaluate(str(cifar_dataset), {"baseline": str(tmp_path / "m")}, str(tmp_path / "eval"), **settings("evaluate"))
+    result = evaluate.evaluate(str(cifar_dataset), {"baseline": str(tmp_path / "m")}, str(tmp_path / "eval"), **settings("evaluate", tta=tta))
     assert result["report"]["winner"] == "baseline" and result["register"]["candidate"] == "baseline"
     serving_dir = tmp_path / "eval" / "serving"
-    probs, _ = evaluate.predict(str(tmp_path / "m"), str(cifar_dataset))
+    probs, _ = evaluate.predict(str(tmp_path / "m"), str(cifar_dataset), tta=tta)
+    if tta:  # the mirror images change the probabilities: the serving model must average them the same way
+        assert not np.allclose(probs, evaluate.predict(str(tmp_path / "m"), str(cifar_dataset))[0], atol=1e-4)
     files = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in tiny_cifar.rglob("*.jpg")}
     keys = [k.decode() for k in tf.data.TFRecordDataset(sorted(map(str, (cifar_dataset / "test").glob("*.gz"))),
                                                          compression_type="GZIP").map(

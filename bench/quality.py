@@ -1,0 +1,87 @@
+"""Quality benchmark: the shared benchmark end to end, scored on photos the run never saw.
+
+    python bench/quality.py [--seeds 42 43 44] [--ablation] [-- extra kflift run arguments]
+
+Trains on ../shared/datasets/cifar10-vehicles-train (automobile vs truck, 10,000 photos; airplane
+and ship as the transfer source), then scores the champion's serving model with `kflift predict` on
+the 2,000 photos of ../shared/datasets/cifar10-vehicles (the CIFAR-10 test split). Prints, per seed,
+the held-out accuracy and the wall time, then each candidate's accuracy on the run's own test
+split (its lift over the baseline with the 95% interval), and the mean and spread over the seeds.
+Settings are chosen on validation; the held-out photos are only ever scored, once per setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+TRAIN, HELD_OUT = SHARED / "cifar10-vehicles-train", SHARED / "cifar10-vehicles"
+TARGET, SOURCE = ("automobile", "truck"), ("airplane", "ship")
+
+
+def kflift(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kflift.pipeline.cli", *args], capture_output=True, text=True)
+
+
+def held_out_accuracy(serving: str) -> float:
+    """The champion's accuracy on the held-out photos, through `kflift predict` as a user scores."""
+    proc = kflift("predict", "--model", serving, "--output", "json", *(str(HELD_OUT / c) for c in TARGET))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) != 2000:
+        raise SystemExit(f"kflift predict failed ({proc.returncode}, {len(rows)} rows): {proc.stderr[-2000:]}")
+    return sum(Path(r["path"]).parent.name == r["label"] for r in rows) / len(rows)
+
+
+def run_once(seed: int, ablation: bool, extra: list[str], output: Path) -> dict:
+    args = ["run", "--data", str(TRAIN), "--output", str(output), "--set", f"transfer.source_classes={','.join(SOURCE)}",
+            "--set", f"train.seed={seed}", "--set", f"augment.seed={seed}",
+            *(["--set", "evaluate.ablation=true"] if ablation else []), *extra]
+    start = time.time()
+    proc = kflift(*args)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"kflift run failed: {proc.stderr[-3000:]}")
+    summary = json.loads(next(output.glob("runs/*/summary.json")).read_text())
+    report = json.loads((Path(summary["champion_model"]).parent / "report.json").read_text())
+    return {"seed": seed, "wall_seconds": wall, "winner": summary["winner"],
+            "held_out": held_out_accuracy(summary["serving"]),
+            "test_split": {n: s["accuracy"] for n, s in report["candidates"].items()},
+            "lift_interval_95": report["lift_interval_95"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--ablation", action="store_true", help="each lever alone, then all together")
+    parser.add_argument("--output", help="folder for the runs (default: a fresh temporary one)")
+    parser.add_argument("extra", nargs="*", help="more `kflift run` arguments, e.g. --set model.architecture=resnet")
+    args = parser.parse_args()
+    root = Path(args.output or tempfile.mkdtemp(prefix="kflift-quality-"))
+    results = []
+    for seed in args.seeds:
+        r = run_once(seed, args.ablation, args.extra, root / f"seed-{seed}")
+        results.append(r)
+        print(f"seed {seed}: champion {r['winner']}, held-out accuracy {r['held_out']:.4f} "
+              f"(2,000 photos), wall {r['wall_seconds']:.0f} s", flush=True)
+        for name, acc in r["test_split"].items():
+            lo_hi = r["lift_interval_95"].get(name)
+            lift = f"  lift {lo_hi[0] * 100:+.1f} .. {lo_hi[1] * 100:+.1f} pts" if lo_hi else ""
+            print(f"    {name:<16} test split {acc:.4f}{lift}", flush=True)
+    held = [r["held_out"] for r in results]
+    walls = [r["wall_seconds"] for r in results]
+    spread = f" ± {statistics.stdev(held):.4f}" if len(held) > 1 else ""
+    print(f"held-out accuracy: mean {statistics.mean(held):.4f}{spread} over {len(held)} seed(s); "
+          f"wall mean {statistics.mean(walls):.0f} s")
+    (root / "quality.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {root / 'quality.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
