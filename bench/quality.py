@@ -31,7 +31,8 @@ def kflift(*args: str) -> subprocess.CompletedProcess:
 
 def held_out_accuracy(serving: str) -> float:
     """The champion's accuracy on the held-out photos, through `kflift predict` as a user scores."""
-    proc = kflift("predict", "--model", serving, "--output", "json", *(str(HELD_OUT / c) for c in TARGET))
+    files = [str(f) for c in TARGET for f in sorted((HELD_OUT / c).iterdir())]
+    proc = kflift("predict", "--model", serving, "--output", "json", *files)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(rows) != 2000:
         raise SystemExit(f"kflift predict failed ({proc.returncode}, {len(rows)} rows): {proc.stderr[-2000:]}")
