@@ -8,7 +8,6 @@ from conftest import settings
 
 def test_resnet_has_residual_stages_and_pooled_features_a_backbone_can_cut_at():
     from kflift.components.build import build_model
-    from kflift.components.finetune import load_backbone  # noqa: F401 - cuts at the "gap" layer's input
 
     model = build_model(32, 2, **settings("build", architecture="resnet", width=0.25, depth=3))
     names = [layer.name for layer in model.layers]

@@ -55,7 +55,8 @@ def test_regularized_build_carries_dropout_and_l2(cifar_dataset, tmp_path):
 @pytest.mark.slow
 def test_train_checkpoints_each_epoch_and_logs_curves(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "untrained"), **settings("build"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "trained"), **settings("train", epochs=3))
+    result = train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "trained"),
+                         **settings("train", epochs=3))
     assert result["metrics"]["epochs_run"] == 3 and len(result["history"]) == 3
     assert sorted(p.name for p in (tmp_path / "trained.checkpoints").glob("*.keras")) == [
         "epoch-001.keras", "epoch-002.keras", "epoch-003.keras", "epoch-final.keras"]
@@ -68,8 +69,10 @@ def test_train_checkpoints_each_epoch_and_logs_curves(cifar_dataset, tmp_path):
 @pytest.mark.slow
 def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, source_dataset, tmp_path):
     build.build(str(source_dataset), str(tmp_path / "untrained"), **settings("build"))
-    train.train(str(source_dataset), str(tmp_path / "untrained"), str(tmp_path / "pretrained"), **settings("train", epochs=2))
-    result = finetune.finetune(str(cifar_dataset), str(tmp_path / "transfer"), str(tmp_path / "pretrained"), **settings("finetune", frozen_epochs=2, finetune_epochs=2, unfreeze_top=1, patience=0))
+    train.train(str(source_dataset), str(tmp_path / "untrained"), str(tmp_path / "pretrained"),
+                **settings("train", epochs=2))
+    result = finetune.finetune(str(cifar_dataset), str(tmp_path / "transfer"), str(tmp_path / "pretrained"),
+                               **settings("finetune", frozen_epochs=2, finetune_epochs=2, unfreeze_top=1, patience=0))
     assert result["metrics"]["frozen_weights_changed_in_phase1"] == 0
     assert result["params"]["unfrozen_layers"] == ["conv2"]  # the conv base's top layer
     assert [k for k in result["history"][0]][0].startswith("frozen_")
@@ -96,14 +99,19 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
         later += [p.name for p in killed.glob("finetune-*.keras")] if phase == "frozen" else []
         for name in later:
             (killed / name).unlink(missing_ok=True)
-        resumed = finetune.finetune(str(cifar_dataset), str(tmp_path / f"resumed-{phase}"), str(tmp_path / "pretrained"), **settings("finetune", frozen_epochs=2, finetune_epochs=2, unfreeze_top=1, patience=0, checkpoint_dir=str(killed), resume=True))
+        resumed = finetune.finetune(str(cifar_dataset), str(tmp_path / f"resumed-{phase}"),
+                                    str(tmp_path / "pretrained"),
+                                    **settings("finetune", frozen_epochs=2, finetune_epochs=2, unfreeze_top=1,
+                                               patience=0, checkpoint_dir=str(killed), resume=True))
         assert resumed["history"] == result["history"]
         assert resumed["metrics"]["frozen_weights_changed_in_phase1"] == 0
         model = load_model(tmp_path / f"resumed-{phase}")
         for a, b in zip(model.get_weights(), tuned.get_weights()):
             np.testing.assert_array_equal(a, b)
 
-    pooled = finetune.finetune(str(cifar_dataset), str(tmp_path / "pooled"), str(tmp_path / "pretrained"), **settings("finetune", frozen_epochs=1, finetune_epochs=0, patience=0, head="pool", head_units=32))
+    pooled = finetune.finetune(str(cifar_dataset), str(tmp_path / "pooled"), str(tmp_path / "pretrained"),
+                               **settings("finetune", frozen_epochs=1, finetune_epochs=0, patience=0, head="pool",
+                                          head_units=32))
     pooled_model = load_model(tmp_path / "pooled")
     assert pooled["params"]["head"] == "pool"
     assert pooled_model.get_layer("pool_head").output.shape[1:] == (64,)  # conv2's 64 channels, averaged
@@ -114,7 +122,8 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
 def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     for name, epochs in (("baseline", 1), ("better", 4)):
         build.build(str(cifar_dataset), str(tmp_path / f"{name}-untrained"), **settings("build"))
-        train.train(str(cifar_dataset), str(tmp_path / f"{name}-untrained"), str(tmp_path / name), **settings("train", epochs=epochs))
+        train.train(str(cifar_dataset), str(tmp_path / f"{name}-untrained"), str(tmp_path / name),
+                    **settings("train", epochs=epochs))
     candidates = {"baseline": str(tmp_path / "baseline"), "better": str(tmp_path / "better")}
     result = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "eval"), **settings("evaluate"))
     report = result["report"]
@@ -139,12 +148,15 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     lift = report["candidates"]["better"]["accuracy"] - report["candidates"]["baseline"]["accuracy"]
     assert low <= lift <= high
     assert "baseline" not in report["lift_interval_95"]
-    same = evaluate.evaluate(str(cifar_dataset), {"baseline": candidates["baseline"], "copy": candidates["baseline"]}, str(tmp_path / "same"), **settings("evaluate", export=False))
+    same = evaluate.evaluate(str(cifar_dataset), {"baseline": candidates["baseline"], "copy": candidates["baseline"]},
+                             str(tmp_path / "same"),
+                             **settings("evaluate", export=False))
     assert same["report"]["lift_interval_95"]["copy"] == [0.0, 0.0]
 
     # a minimum above every candidate's score (whatever they scored, 1.0 included): no winner, no champion
     minimum = max(s["accuracy"] for s in report["candidates"].values()) + 0.01
-    gated = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "gated"), **settings("evaluate", min_metric=minimum))
+    gated = evaluate.evaluate(str(cifar_dataset), candidates, str(tmp_path / "gated"),
+                              **settings("evaluate", min_metric=minimum))
     assert gated["report"]["winner"] is None and gated["register"] is None
     assert set(gated["report"]["gate"]) == set(candidates)
     for gate in gated["report"]["gate"].values():
@@ -194,7 +206,8 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_p
     except OSError:
         pass
     with pytest.raises(DataError, match="could not download ImageNet weights for mobilenetv2") as err:
-        finetune.finetune(str(cifar_dataset), str(tmp_path / "t"), **settings("finetune", weights="imagenet", backbone="mobilenetv2"))
+        finetune.finetune(str(cifar_dataset), str(tmp_path / "t"),
+                          **settings("finetune", weights="imagenet", backbone="mobilenetv2"))
     assert "transfer.source_classes" in str(err.value)
     assert not (tmp_path / "t").exists()  # nothing half-written
 
@@ -210,7 +223,8 @@ def test_serving_model_on_raw_bytes_equals_evaluate(tta, cifar_dataset, tiny_cif
 
     build.build(str(cifar_dataset), str(tmp_path / "untrained"), **settings("build"))
     train.train(str(cifar_dataset), str(tmp_path / "untrained"), str(tmp_path / "m"), **settings("train", epochs=2))
-    result = evaluate.evaluate(str(cifar_dataset), {"baseline": str(tmp_path / "m")}, str(tmp_path / "eval"), **settings("evaluate", tta=tta))
+    result = evaluate.evaluate(str(cifar_dataset), {"baseline": str(tmp_path / "m")}, str(tmp_path / "eval"),
+                               **settings("evaluate", tta=tta))
     assert result["report"]["winner"] == "baseline" and result["register"]["candidate"] == "baseline"
     serving_dir = tmp_path / "eval" / "serving"
     probs, _ = evaluate.predict(str(tmp_path / "m"), str(cifar_dataset), tta=tta)

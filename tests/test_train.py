@@ -21,14 +21,16 @@ pytestmark = pytest.mark.slow  # every test trains on the augment stage's output
 def test_early_stopping_stops_before_the_epoch_budget(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "u"), **settings("build"))
     # a learning rate far too high: validation loss stops improving at once
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), **settings("train", epochs=30, learning_rate=0.5, patience=2))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"),
+                         **settings("train", epochs=30, learning_rate=0.5, patience=2))
     assert result["metrics"]["epochs_run"] < 30
     assert result["metrics"]["epochs_run"] >= 3
 
 
 def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "u"), **settings("build"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), **settings("train", epochs=30, learning_rate=0.5, patience=2, monitor="val_accuracy"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"),
+                         **settings("train", epochs=30, learning_rate=0.5, patience=2, monitor="val_accuracy"))
     history = result["history"]
     assert 3 <= len(history) < 30
     assert result["params"]["early_stopping_monitor"] == "val_accuracy"
@@ -41,7 +43,9 @@ def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_d
     (killed / "epoch-final.keras").unlink()
     (killed / f"epoch-{len(history):03d}.keras").unlink()
     def resumed_ends_as_uninterrupted(name):
-        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / name), **settings("train", epochs=30, learning_rate=0.5, patience=2, monitor="val_accuracy", checkpoint_dir=str(killed), resume=True))
+        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / name),
+                              **settings("train", epochs=30, learning_rate=0.5, patience=2, monitor="val_accuracy",
+                                         checkpoint_dir=str(killed), resume=True))
         assert resumed["history"] == history
         assert_same_weights(tmp_path / name, tmp_path / "m")
 
@@ -61,7 +65,8 @@ def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(c
     import keras
 
     build.build(str(cifar_dataset), str(tmp_path / "u"), **settings("build"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), **settings("train", epochs=2, mixed_precision="on", distribute="mirrored"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"),
+                         **settings("train", epochs=2, mixed_precision="on", distribute="mirrored"))
     assert np.isfinite(result["metrics"]["final_loss"])
     with train.global_policy("mixed_float16"):  # as a resumed run loads it
         checkpoint = keras.models.load_model(train.last_checkpoint(tmp_path / "m.checkpoints")[0])
@@ -80,7 +85,9 @@ def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(c
         (ckpt / name).unlink()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m2"), **settings("train", epochs=2, mixed_precision="on", distribute="mirrored", checkpoint_dir=str(ckpt), resume=True))
+        resumed = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m2"),
+                              **settings("train", epochs=2, mixed_precision="on", distribute="mirrored",
+                                         checkpoint_dir=str(ckpt), resume=True))
     assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
     assert resumed["history"] == result["history"]
     assert_same_weights(tmp_path / "m2", tmp_path / "m")
@@ -92,7 +99,8 @@ def test_mixed_precision_under_a_mirrored_strategy_trains_and_hands_on_float32(c
 
 def test_cosine_schedule_lowers_the_learning_rate(cifar_dataset, tmp_path):
     build.build(str(cifar_dataset), str(tmp_path / "u"), **settings("build"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), **settings("train", epochs=4, learning_rate=0.01, schedule="cosine"))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"),
+                         **settings("train", epochs=4, learning_rate=0.01, schedule="cosine"))
     rates = [e["learning_rate"] for e in result["history"]]
     assert rates[0] == np.float32(0.01) and rates == sorted(rates, reverse=True) and rates[-1] < 0.005
 
@@ -127,7 +135,8 @@ def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tm
 
     monkeypatch.setattr(train, "load_split", counted)
     build.build(str(cifar_dataset), str(tmp_path / "u"), **settings("build"))
-    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"), **settings("train", epochs=2, augmented=False))
+    result = train.train(str(cifar_dataset), str(tmp_path / "u"), str(tmp_path / "m"),
+                         **settings("train", epochs=2, augmented=False))
     assert result["params"]["augmented_data"] is False
     assert sum(seen) == 2 * originals  # two epochs of the originals; with the copies it would be twice that
 
