@@ -1,6 +1,7 @@
 import pytest
 
-from kflift.pipeline.config import ConfigError, load_config
+from kflift.pipeline.config import Config, ConfigError, load_config
+from conftest import REPO
 
 
 def test_defaults_are_the_digits_demo():
@@ -65,3 +66,10 @@ def test_own_data_in_a_config_file_drops_the_digits_source(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: /my/images\n")
     assert load_config(path).transfer.weights == "none"
+
+
+def test_the_resnet_recipe_loads_and_keeps_the_other_defaults():
+    cfg = load_config(REPO / "configs" / "resnet.yaml")
+    assert (cfg.model.architecture, cfg.transfer.backbone, cfg.train.schedule) == ("resnet", "resnet", "warmup_cosine")
+    assert cfg.augment.ops.cutout_probability == 0.5 and cfg.evaluate.tta
+    assert cfg.augment.ops.flip_probability == Config().augment.ops.flip_probability  # merged key by key
