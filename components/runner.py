@@ -69,11 +69,13 @@ def run_stage(name: str, stage: Stage | Callable[..., StageResult], ctx: StageCo
             store.store(name, result, run.run_id)
     metrics = tracking.scalar_metrics(result.get("metrics", {}))
     champion = (result.get("register") or {}).get("candidate")
-    progress.progress(name, state="cached" if hit else "done", seconds=round(time.time() - progress.process_start(), 3),
-                      metrics=metrics, **({"champion": champion} if champion else {}))
+    seconds = round(time.time() - progress.process_start(), 3)
+    progress.progress(name, state="cached" if hit else "done", seconds=seconds, metrics=metrics,
+                      **({"champion": champion} if champion else {}))
     store.mark()
-    for key, value in metrics.items() if kfp_metrics is not None else ():
-        kfp_metrics.log_metric(key, value)
+    if kfp_metrics is not None:
+        for key, value in metrics.items():
+            kfp_metrics.log_metric(key, value)
     return result
 
 
