@@ -58,7 +58,8 @@ def main() -> int:
         start = time.perf_counter()
         train.train(dataset, str(work / "untrained"), str(work / f"trained-{i}"),
                     **{**cfg.train.stage_kwargs(), "epochs": args.epochs, "batch_size": args.batch_size},
-                    patience=0, monitor=cfg.regularization.monitor, name="bench", augmented=True)
+                    patience=0, monitor=cfg.regularization.monitor, name="bench", augmented=True,
+                    batch_mixing=cfg.augment.ops.batch_mixing())
         return n * args.epochs / (time.perf_counter() - start)
 
     # Interleaved and repeated, best of each: the first fit of a process pays one-time costs

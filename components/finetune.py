@@ -47,24 +47,39 @@ def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: 
         raise DataError(f"finetune: cannot load weights file {weights} into {backbone}: {exc}") from None
 
 
-def unfreeze_top_layers(backbone: keras.Model, n: int) -> list[str]:
-    """Make the top `n` weighted layers trainable; BatchNorm stays frozen (inference mode)."""
+def unfreeze_top_layers(backbone: keras.Model, n: int | str, train_batchnorm: bool = False) -> list[str]:
+    """Make the top `n` weighted layers trainable ("all": every one). BatchNorm stays frozen, in
+    inference mode with the source's statistics, unless `train_batchnorm`."""
     backbone.trainable = True
     weighted = [l for l in backbone.layers if l.weights]
-    top = weighted[-n:] if n > 0 else []
+    top = weighted if n == "all" else weighted[-n:] if n > 0 else []
     for layer in backbone.layers:
-        layer.trainable = layer in top and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = layer in top and (train_batchnorm or not isinstance(layer, layers.BatchNormalization))
     return [l.name for l in top if l.trainable]
 
 
+def layer_rates(backbone: keras.Model, decay: float) -> dict[str, float]:
+    """Discriminative fine-tuning: the top conv (or dense) layer learns at the full rate, each one
+    below it at `decay` times the rate above; a layer without a kernel (BatchNorm) shares the rate
+    of the conv it follows. {variable path: factor}, trainable variables only."""
+    rates, factor = {}, decay ** sum(hasattr(l, "kernel") for l in backbone.layers if l.trainable and l.weights)
+    for layer in backbone.layers:
+        if not (layer.trainable and layer.weights):
+            continue
+        factor = factor / decay if hasattr(layer, "kernel") else factor
+        rates.update({v.path: min(1.0, factor) for v in layer.trainable_weights})
+    return rates
+
+
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, *, weights: str, backbone: str,
-             frozen_epochs: int, finetune_epochs: int, unfreeze_top: int, finetune_lr_factor: float, head: str,
-             head_units: int, batch_size: int, learning_rate: float, optimizer: str, label_smoothing: float,
+             frozen_epochs: int, finetune_epochs: int, unfreeze_top: int | str, finetune_lr_factor: float,
+             layer_lr_decay: float, train_batchnorm: bool, head: str, head_units: int, batch_size: int,
+             learning_rate: float, optimizer: str, schedule: str, label_smoothing: float,
              weight_decay: float, mixed_precision: str, distribute: str, seed: int, patience: int, monitor: str,
-             augmented: bool,
-             checkpoint_dir: str | None = None, resume: bool = False) -> StageResult:
+             augmented: bool, batch_mixing: dict, checkpoint_dir: str | None = None, resume: bool = False) -> StageResult:
     """Transfer: a new head on the backbone, trained frozen (`frozen_epochs`), then the top
-    `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`).
+    `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`), lower
+    for earlier layers by `layer_lr_decay`, BatchNorm adapting to the target if `train_batchnorm`.
     Settings from config (`TransferConfig.stage_kwargs`, `TrainConfig.fit_kwargs`). `head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
     far fewer weights on a large feature map). Each phase checkpoints every epoch to
     `checkpoint_dir` (default: beside the output); `resume` continues from the newest one."""
@@ -76,7 +91,7 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     base = load_backbone(weights, backbone, meta["image_size"], pretrained_dir)
     base.trainable = False
     inputs = keras.Input(base.input_shape[1:], name="image")
-    x = base(inputs, training=False)  # BatchNorm in inference mode in both phases
+    x = base(inputs)  # a frozen BatchNorm layer runs in inference mode (Keras 3): see unfreeze_top_layers
     if len(x.shape) > 2:
         x = (layers.GlobalAveragePooling2D(name="pool_head") if head == "pool" else layers.Flatten(name="flatten_head"))(x)
     x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
@@ -85,16 +100,18 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
 
     ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     frozen_before = [w.numpy().copy() for w in base.weights]
-    fit_args = dict(batch_size=batch_size, optimizer=optimizer, schedule="constant", label_smoothing=label_smoothing,
-                    weight_decay=weight_decay, patience=patience, seed=seed, augmented=augmented, monitor=monitor,
-                    mixed_precision=mixed_precision, distribute=distribute, resume=resume)
+    fit_args = dict(batch_size=batch_size, optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing,
+                    weight_decay=weight_decay, patience=patience, seed=seed, augmented=augmented,
+                    batch_mixing=batch_mixing, monitor=monitor, mixed_precision=mixed_precision,
+                    distribute=distribute, resume=resume)
     model, history = fit(model, dataset_dir, ckpt, epochs=frozen_epochs, learning_rate=learning_rate,
                          phase="frozen", **fit_args)
     base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
-    unfrozen = unfreeze_top_layers(base, unfreeze_top)
+    unfrozen = unfreeze_top_layers(base, unfreeze_top, train_batchnorm)
     if finetune_epochs > 0 and unfrozen:
         model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, learning_rate=learning_rate * finetune_lr_factor,
+                          layer_rates=layer_rates(base, layer_lr_decay) if layer_lr_decay < 1 else None,
                           phase="finetune", **fit_args)
         history += more
     seconds = time.time() - start
@@ -109,8 +126,10 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
         "params": {"weights": weights, "backbone": backbone, "head": head, "head_units": head_units,
                    "early_stopping_monitor": monitor, "mixed_precision": mixed_precision, "distribute": distribute,
                    "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
-                   "unfrozen_layers": unfrozen, "learning_rate": learning_rate,
-                   "finetune_learning_rate": learning_rate * finetune_lr_factor, "augmented_data": augmented},
+                   "unfrozen_layers": unfrozen, "learning_rate": learning_rate, "schedule": schedule,
+                   "layer_lr_decay": layer_lr_decay, "train_batchnorm": train_batchnorm,
+                   "finetune_learning_rate": learning_rate * finetune_lr_factor, "augmented_data": augmented,
+                   **{f"batch_{k}": v for k, v in batch_mixing.items()}},
         "metrics": {"epochs_run": len(history), "frozen_weights_changed_in_phase1": int(frozen_changed),
                     "train_images_per_second": split_size(dataset_dir, "train", augmented) * len(history) / seconds,
                     **{f"final_{k}": v for k, v in _merged_phases(history)[-1].items()}},

@@ -33,17 +33,69 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine", "step", "plateau")
 
 
 def compile_model(model: keras.Model, num_classes: int, *, learning_rate: float, optimizer: str,
-                  label_smoothing: float, weight_decay: float) -> None:
+                  label_smoothing: float, weight_decay: float, layer_rates: dict[str, float] | None = None) -> None:
     """Binary: one sigmoid unit; multi-class: softmax against one-hot labels (`one_hot`), so both
-    can smooth their labels."""
+    can smooth their labels. `layer_rates`: {variable path: factor on the learning rate}."""
     loss = (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing) if num_classes == 2 else
             keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
-    model.compile(optimizer=OPTIMIZERS[optimizer](learning_rate, weight_decay), loss=loss, metrics=["accuracy"])
+    chosen = OPTIMIZERS[optimizer](learning_rate, weight_decay)
+    model.compile(optimizer=with_layer_rates(chosen, layer_rates) if layer_rates else chosen, loss=loss,
+                  metrics=["accuracy"])
+
+
+def with_layer_rates(optimizer: keras.optimizers.Optimizer, rates: dict[str, float]) -> keras.optimizers.Optimizer:
+    """The same optimizer, each variable stepping at its factor (`rates[variable.path]`, else 1) times the
+    learning rate: Keras has no per-layer rates, and a gradient scale would not do (Adam divides it out)."""
+    class LayerRates(type(optimizer)):
+        def build(self, variables):
+            super().build(variables)
+            self._factors = {self._var_key(v): rates.get(v.path, 1.0) for v in variables}
+
+        def update_step(self, gradient, variable, learning_rate):
+            factor = self._factors.get(self._var_key(variable), 1.0)
+            return super().update_step(gradient, variable, learning_rate * factor)
+
+    LayerRates.__name__ = type(optimizer).__name__  # saved as the optimizer it extends
+    return LayerRates.from_config(optimizer.get_config())
 
 
 def one_hot(ds, num_classes: int):
     """(image, label) batches as the loss of `compile_model` takes them."""
     return ds if num_classes == 2 else ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+
+def mix_batches(ds, num_classes: int, seed: int, *, mixup_probability: float = 0.0, mixup_alpha: float = 0.2,
+                cutmix_probability: float = 0.0, cutmix_alpha: float = 1.0):
+    """MixUp or CutMix (Keras' layers) on a share of the training batches: each batch draws one of
+    them by its probability, or passes unmixed; labels mix in the pixels' proportions (binary labels
+    become (batch, 1) floats). The mixes follow `seed`, but a resumed run draws others than an
+    uninterrupted one would (the layers' random state is not in a checkpoint)."""
+    if not (mixup_probability or cutmix_probability):
+        return ds
+    mixup = keras.layers.MixUp(alpha=mixup_alpha, seed=seed)
+    cutmix = keras.layers.CutMix(factor=(cutmix_alpha, cutmix_alpha), seed=seed + 1)  # a range: alpha itself
+    draws = tf.random.Generator.from_seed(seed)
+
+    def mix_up(images, soft):
+        out = mixup({"images": images, "labels": soft}, training=True)
+        return out["images"], out["labels"]
+
+    def cut_mix(images, soft):
+        # Keras weighs CutMix's labels by the box's real-valued area, not by the whole pixels it pastes
+        # (a few points apart on 32 px images): weigh them by the pasted share of each image.
+        box = cutmix.get_random_transformation({"images": images, "labels": soft}, training=True)
+        pasted = tf.reduce_mean(tf.cast(box["batch_masks"], tf.float32), axis=[1, 2, 3])[:, None]
+        other = tf.gather(soft, box["permutation_order"])
+        return cutmix.transform_images(images, box), (1 - pasted) * soft + pasted * other
+
+    def mix(images, labels):
+        soft = tf.cast(tf.reshape(labels, (-1, 1)) if num_classes == 2 else labels, tf.float32)
+        u = draws.uniform([])
+        return tf.cond(u < mixup_probability, lambda: mix_up(images, soft),
+                       lambda: tf.cond(u < mixup_probability + cutmix_probability, lambda: cut_mix(images, soft),
+                                       lambda: (images, soft)))
+
+    return ds.map(mix)
 
 
 def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor: str, patience: int):
@@ -169,7 +221,8 @@ def _truncate_log(log_path: Path, epochs: int) -> None:
 def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: int, batch_size: int,
         learning_rate: float, optimizer: str, schedule: str, label_smoothing: float, weight_decay: float,
         patience: int, seed: int, augmented: bool, monitor: str, mixed_precision: str, distribute: str,
-        phase: str = "", resume: bool = False) -> tuple[keras.Model, list[dict]]:
+        batch_mixing: dict | None = None, layer_rates: dict[str, float] | None = None, phase: str = "",
+        resume: bool = False) -> tuple[keras.Model, list[dict]]:
     """Compile and fit with a checkpoint each epoch; early stopping on `monitor` when `patience` > 0.
 
     With `resume`, continue from the newest checkpoint of this phase. Mixed precision and the
@@ -192,7 +245,8 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
         if policy != "float32" or strategy is not tf.distribute.get_strategy():
             model = with_policy(model, policy)
         compile_model(model, meta["num_classes"], learning_rate=learning_rate, optimizer=optimizer,
-                      label_smoothing=label_smoothing, weight_decay=weight_decay)  # loss scaling under float16
+                      label_smoothing=label_smoothing, weight_decay=weight_decay,
+                      layer_rates=layer_rates)  # loss scaling under float16
         if checkpoint is not None:
             progress("train", note=f"resuming {tag} from {checkpoint} (epoch {done} of {epochs})")
             # Into the model as the caller made it (which layers are frozen is not in a checkpoint's
@@ -208,6 +262,7 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
               flush=True)
     train_ds = one_hot(load_split(dataset_dir, "train", batch_size, shuffle=True, seed=seed, augmented=augmented,
                                   epochs=(done, epochs)), meta["num_classes"])
+    train_ds = mix_batches(train_ds, meta["num_classes"], seed, **(batch_mixing or {}))
     steps = math.ceil(split_size(dataset_dir, "train", augmented) / batch_size)
     has_val = split_size(dataset_dir, "val") > 0
     val_ds = one_hot(load_split(dataset_dir, "val", batch_size), meta["num_classes"]) if has_val else None
@@ -273,7 +328,7 @@ class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, batch_size: int, learning_rate: float,
           optimizer: str, schedule: str, label_smoothing: float, weight_decay: float, mixed_precision: str,
           distribute: str, seed: int, patience: int,
-          monitor: str, name: str, augmented: bool, checkpoint_dir: str | None = None,
+          monitor: str, name: str, augmented: bool, batch_mixing: dict, checkpoint_dir: str | None = None,
           resume: bool = False) -> StageResult:
     """Train the model in `model_dir` and write the trained one (plus curves) to `output_dir`.
 
@@ -288,7 +343,7 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, bat
     model, history = fit(load_model(model_dir), dataset_dir, ckpt, epochs=epochs, batch_size=batch_size,
                          learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
                          label_smoothing=label_smoothing, weight_decay=weight_decay, patience=patience,
-                         seed=seed, resume=resume, augmented=augmented, monitor=monitor,
+                         seed=seed, resume=resume, augmented=augmented, batch_mixing=batch_mixing, monitor=monitor,
                          mixed_precision=mixed_precision, distribute=distribute)
     seconds = time.time() - start
     work = staging_dir(output_dir)
@@ -299,7 +354,8 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, bat
               "schedule": schedule, "label_smoothing": label_smoothing, "weight_decay": weight_decay,
               "early_stopping_patience": patience, "early_stopping_monitor": monitor,
               "mixed_precision": mixed_precision, "distribute": distribute, "seed": seed, "resumed": resume,
-              "augmented_data": augmented, **load_model_params(model_dir)}
+              "augmented_data": augmented, **{f"batch_{k}": v for k, v in batch_mixing.items()},
+              **load_model_params(model_dir)}
     write_json(work / "params.json", params)
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 NO_TRANSFER = "none"
@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+BATCH_MIXING = {"mixup_probability", "mixup_alpha", "cutmix_probability", "cutmix_alpha"}
 
 
 class AugmentOps(_Section):
@@ -45,6 +48,27 @@ class AugmentOps(_Section):
     hue: float = Field(0.02, ge=0.0, le=0.5)
     cutout_probability: float = Field(0.0, ge=0.0, le=1.0, description="erase a square (offline copies only)")
     cutout_fraction: float = Field(0.25, gt=0.0, le=0.75, description="the erased square's side / the image's")
+    mixup_probability: float = Field(0.0, ge=0.0, le=1.0, description="share of the training batches mixed by "
+                                     "MixUp (online, in tf.data, for the candidates with augmentation)")
+    mixup_alpha: float = Field(0.2, gt=0.0, le=10.0, description="MixUp's weight ~ Beta(alpha, alpha)")
+    cutmix_probability: float = Field(0.0, ge=0.0, le=1.0, description="share of the training batches mixed by "
+                                      "CutMix (a box of another image pasted in; online, as MixUp)")
+    cutmix_alpha: float = Field(1.0, gt=0.0, le=10.0, description="CutMix's box area ~ Beta(alpha, alpha)")
+
+    def image_ops(self) -> dict:
+        """What augment applies to each image (offline)."""
+        return self.model_dump(exclude=BATCH_MIXING)
+
+    def batch_mixing(self) -> dict:
+        """What training applies to whole batches (online): see train.mix_batches."""
+        return self.model_dump(include=BATCH_MIXING)
+
+    @model_validator(mode="after")
+    def _one_mix_per_batch(self):
+        if self.mixup_probability + self.cutmix_probability > 1:
+            raise ValueError("augment.ops: mixup_probability + cutmix_probability must be at most 1 "
+                             "(a batch is mixed one way or not at all)")
+        return self
 
 
 class AugmentConfig(_Section):
@@ -65,7 +89,7 @@ class AugmentConfig(_Section):
     def stage_kwargs(self) -> dict:
         """The augment stage function's arguments (all but data, output and class filters)."""
         return {"image_size": self.image_size, "val_fraction": self.val_fraction,
-                "test_fraction": self.test_fraction, "copies": self.copies, "ops": self.ops.model_dump(),
+                "test_fraction": self.test_fraction, "copies": self.copies, "ops": self.ops.image_ops(),
                 "shards": self.shards, "num_workers": self.num_workers, "max_pixels": self.max_pixels,
                 "seed": self.seed, "beam_options": list(self.beam_options)}
 
@@ -101,12 +125,12 @@ class TrainConfig(_Section):
 
     def fit_kwargs(self) -> dict:
         """What every training stage (train, finetune) takes from this section."""
-        return self.model_dump(include={"batch_size", "learning_rate", "optimizer", "label_smoothing",
+        return self.model_dump(include={"batch_size", "learning_rate", "optimizer", "schedule", "label_smoothing",
                                         "weight_decay", "mixed_precision", "distribute", "seed"})
 
     def stage_kwargs(self) -> dict:
         """The train stage's arguments from this section."""
-        return {**self.fit_kwargs(), "epochs": self.epochs, "schedule": self.schedule}
+        return {**self.fit_kwargs(), "epochs": self.epochs}
 
 
 class RegularizationConfig(_Section):
@@ -138,8 +162,15 @@ class TransferConfig(_Section):
         "trains one deeper than the baseline (the rest of model.* applies too)")
     frozen_epochs: int = Field(2, ge=1, description="phase 1: the new head on the frozen backbone")
     finetune_epochs: int = Field(8, ge=0, description="phase 2: the top layers unfrozen")
-    unfreeze_top: int = Field(3, ge=0, description="layers of the backbone unfrozen in phase 2")
+    unfreeze_top: int | Literal["all"] = Field(
+        3, description="weighted layers of the backbone unfrozen in phase 2, from the top; 'all': every one")
     finetune_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="phase 2 learning rate / train.learning_rate")
+    layer_lr_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="phase 2: each conv layer learns at this times the rate of the one above "
+        "it (discriminative rates: earlier layers, more general features, change less); 1 = one rate")
+    train_batchnorm: bool = Field(
+        False, description="phase 2: unfrozen BatchNorm layers learn the target's statistics (else they keep "
+        "the source's, in inference mode)")
     head: Literal["flatten", "pool"] = Field(
         "flatten", description="new head on the backbone: the seed's Flatten-Dense-Dropout, or global pooling")
     head_units: int = Field(512, ge=1, le=8192, description="units of the head's Dense layer")
@@ -147,7 +178,17 @@ class TransferConfig(_Section):
     def stage_kwargs(self) -> dict:
         """The finetune stage's arguments from this section (the source and pretraining are the DAG's)."""
         return self.model_dump(include={"weights", "backbone", "frozen_epochs", "finetune_epochs", "unfreeze_top",
-                                        "finetune_lr_factor", "head", "head_units"})
+                                        "finetune_lr_factor", "layer_lr_decay", "train_batchnorm", "head",
+                                        "head_units"})
+
+    @field_validator("unfreeze_top", mode="plain")
+    @classmethod
+    def _count_or_all(cls, value):
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise ValueError(f"must be a whole number >= 0 or 'all', not {value!r}")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -18,9 +18,13 @@ def make_pipeline(cfg: Config):
     images = stage_images(cfg)
     ops = make_components(images["cpu"], images["gpu"])
     aug, reg, tr, tx = cfg.augment, cfg.regularization, cfg.train, cfg.transfer
-    online_ops = aug.ops.model_dump() if aug.online else {}
+    online_ops = aug.ops.image_ops() if aug.online else {}
     regularized = {"regularization": reg.build_kwargs(), "patience": reg.patience}
     has_source = tx.weights == "pipeline"
+
+    def augmentation(on: bool) -> dict:
+        """The augmentation lever of a training task: the offline copies and the batch mixing."""
+        return {"augmented": on, "batch_mixing": aug.ops.batch_mixing() if on else {}}
 
     @dsl.pipeline(name="kflift", description="Lift an image classifier: augment, train, transfer, evaluate.")
     def kflift(data_dir: str, source_dir: str, tracking_uri: str = "", parent_run_id: str = "",
@@ -44,7 +48,7 @@ def make_pipeline(cfg: Config):
             return on_cluster(ops.train(**context, stage=f"train-{name}", dataset=dataset.outputs["dataset"],
                                         untrained=built.outputs["model"],
                                         settings={**tr.stage_kwargs(), "epochs": epochs, "patience": patience,
-                                                  "monitor": reg.monitor, "augmented": augmented}, **point),
+                                                  "monitor": reg.monitor, **augmentation(augmented)}, **point),
                               "train", cfg)
 
         # Each candidate pulls some levers: offline augmentation (the augmented copies), regularization
@@ -81,7 +85,7 @@ def make_pipeline(cfg: Config):
                 **context, stage=f"finetune-{name}" if cfg.evaluate.ablation else "finetune",
                 dataset=target.outputs["dataset"], settings={**tx.stage_kwargs(), **tr.fit_kwargs(),
                                                              "patience": reg.patience, "monitor": reg.monitor,
-                                                             "augmented": augmented}, **pretrained), "train", cfg)
+                                                             **augmentation(augmented)}, **pretrained), "train", cfg)
 
         if tx.weights == NO_TRANSFER:  # all the levers but transfer
             if cfg.evaluate.ablation:

@@ -21,7 +21,8 @@ def settings(stage: str, **overrides) -> dict:
     from kflift.pipeline.pipeline import UNREGULARIZED
 
     cfg = Config()
-    fit = {**cfg.train.fit_kwargs(), "monitor": cfg.regularization.monitor, "augmented": True}
+    fit = {**cfg.train.fit_kwargs(), "monitor": cfg.regularization.monitor, "augmented": True,
+           "batch_mixing": cfg.augment.ops.batch_mixing()}
     return {**{
         "augment": lambda: cfg.augment.stage_kwargs(),
         "build": lambda: {**cfg.model.stage_kwargs(), **UNREGULARIZED, "seed": cfg.train.seed, "online_ops": {}},

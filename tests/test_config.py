@@ -32,6 +32,9 @@ def test_other_source_folder_replaces_the_held_out_default(tmp_path):
     ("transfer.backbone=alexnet", "transfer.backbone"),
     ("model.architecture=alexnet", "model.architecture"),
     ("transfer.unfreeze_top=-1", "transfer.unfreeze_top"),
+    ("transfer.unfreeze_top=most", "transfer.unfreeze_top"),
+    ("transfer.layer_lr_decay=0", "transfer.layer_lr_decay"),
+    ("augment.ops.mixup_alpha=0", "augment.ops.mixup_alpha"),
     ("regularization.monitor=val_f1", "regularization.monitor"),
     ("train.mixed_precision=sometimes", "train.mixed_precision"),
     ("train.epochz=3", "train.epochz"),
@@ -40,6 +43,16 @@ def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert f"  {key}:" in str(err.value)
+
+
+def test_a_batch_is_mixed_one_way_at_most_and_mixing_stays_out_of_augment():
+    with pytest.raises(ConfigError, match="mixup_probability \\+ cutmix_probability"):
+        load_config(None, ["augment.ops.mixup_probability=0.6", "augment.ops.cutmix_probability=0.5"])
+    cfg = load_config(None, ["augment.ops.cutmix_probability=0.5", "transfer.unfreeze_top=all"])
+    assert cfg.transfer.unfreeze_top == "all"
+    # augment's settings (and so its cache key) leave the online mixing out: changing it re-runs no augment
+    assert "cutmix_probability" not in cfg.augment.stage_kwargs()["ops"]
+    assert cfg.augment.ops.batch_mixing()["cutmix_probability"] == 0.5
 
 
 def test_bad_yaml_names_the_file(tmp_path):
@@ -72,4 +85,5 @@ def test_the_resnet_recipe_loads_and_keeps_the_other_defaults():
     cfg = load_config(REPO / "configs" / "resnet.yaml")
     assert (cfg.model.architecture, cfg.transfer.backbone, cfg.train.schedule) == ("resnet", "resnet", "warmup_cosine")
     assert cfg.augment.ops.cutout_probability == 0.5 and cfg.evaluate.tta
+    assert (cfg.transfer.unfreeze_top, cfg.transfer.train_batchnorm) == ("all", True)
     assert cfg.augment.ops.flip_probability == Config().augment.ops.flip_probability  # merged key by key

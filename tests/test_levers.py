@@ -61,3 +61,56 @@ def test_decoupled_weight_decay_shrinks_weights_without_a_gradient(optimizer):
     plain = keras.Variable(np.ones(3, "float32"))
     OPTIMIZERS[optimizer](0.1, 0.0).apply_gradients([(np.zeros(3, "float32"), plain)])
     assert np.all(plain.numpy() == 1.0)
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_batch_mixing_blends_images_and_labels_in_the_same_proportion(mode):
+    import tensorflow as tf
+
+    from kflift.components.train import mix_batches
+
+    # Two classes: all-zero images labelled 0, all-one images labelled 1, in one batch.
+    images = np.concatenate([np.zeros((8, 8, 8, 3), "float32"), np.ones((8, 8, 8, 3), "float32")])
+    labels = np.array([0] * 8 + [1] * 8)
+    ds = tf.data.Dataset.from_tensors((images, labels)).repeat(4)
+    mixed = list(mix_batches(ds, 2, seed=7, **{f"{mode}_probability": 1.0}).as_numpy_iterator())
+    blended = 0
+    for x, y in mixed:
+        assert y.shape == (16, 1)
+        # An image's mean pixel is the share of the 1-image in it: the label says the same share.
+        np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), y[:, 0], atol=0.02)
+        blended += int(((y > 0.01) & (y < 0.99)).sum())
+    assert blended > 16  # most images were mixed with one of the other class
+    x, y = next(mix_batches(ds, 2, seed=7, mixup_probability=0.0).as_numpy_iterator())
+    assert np.array_equal(x, images) and np.array_equal(y, labels)  # off: the batches pass as they are
+
+
+def test_layer_rates_fall_from_the_top_conv_down_and_bn_follows_its_conv():
+    from kflift.components.build import build_model
+    from kflift.components.finetune import layer_rates, unfreeze_top_layers
+    import keras
+
+    model = build_model(32, 2, **settings("build", architecture="resnet", width=0.25, depth=1))
+    backbone = keras.Model(model.inputs, model.get_layer("gap").input)
+    assert "stem_bn" not in unfreeze_top_layers(backbone, "all")  # BatchNorm stays frozen by default
+    unfrozen = unfreeze_top_layers(backbone, "all", train_batchnorm=True)
+    assert unfrozen[0] == "stem_conv" and "stem_bn" in unfrozen and backbone.get_layer("stem_bn").trainable
+    rates = layer_rates(backbone, 0.5)
+    # Convs bottom to top: stem, stage1, stage1_res1, stage1_res2.
+    convs = [rates[backbone.get_layer(f"{n}_conv").kernel.path] for n in ("stem", "stage1", "stage1_res1",
+                                                                            "stage1_res2")]
+    assert convs == [0.125, 0.25, 0.5, 1.0]
+    assert rates[backbone.get_layer("stage1_bn").gamma.path] == 0.25
+
+
+def test_layer_rates_scale_each_variables_step():
+    import keras
+
+    from kflift.components.train import OPTIMIZERS, with_layer_rates
+
+    slow, fast = keras.Variable(np.zeros(2, "float32"), name="slow"), keras.Variable(np.zeros(2, "float32"), name="fast")
+    opt = with_layer_rates(OPTIMIZERS["adamw"](0.1, 0.0), {slow.path: 0.1})
+    opt.apply_gradients([(np.ones(2, "float32"), slow), (np.ones(2, "float32"), fast)])
+    # Adam's first step is -lr * sign(gradient), whatever the gradient's size: a tenth of the rate, a tenth the step.
+    np.testing.assert_allclose(fast.numpy(), [-0.1, -0.1], rtol=1e-3)
+    np.testing.assert_allclose(slow.numpy(), [-0.01, -0.01], rtol=1e-3)

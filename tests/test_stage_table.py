@@ -22,8 +22,8 @@ FROM_CONFIG = {
 PER_TASK = {
     "augment": {"include_classes", "exclude_classes"},
     "build": {"seed", "online_ops"},
-    "train": {"patience", "monitor", "name", "augmented"},
-    "finetune": {"patience", "monitor", "augmented"},
+    "train": {"patience", "monitor", "name", "augmented", "batch_mixing"},
+    "finetune": {"patience", "monitor", "augmented", "batch_mixing"},
     "select_best": {"metric"},
     "evaluate": {"baseline", "export"},
 }

@@ -119,6 +119,32 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
 
 
 @pytest.mark.slow
+def test_finetune_unfreezes_a_residual_backbone_whole_with_adapting_batchnorm_and_layer_rates(
+        cifar_dataset, source_dataset, tmp_path):
+    resnet = dict(architecture="resnet", width=0.25, depth=1)
+    build.build(str(source_dataset), str(tmp_path / "untrained"), **settings("build", **resnet))
+    train.train(str(source_dataset), str(tmp_path / "untrained"), str(tmp_path / "pretrained"),
+                **settings("train", epochs=1))
+    pretrained = load_model(tmp_path / "pretrained")
+    whole = dict(frozen_epochs=1, finetune_epochs=2, unfreeze_top="all", layer_lr_decay=0.5, patience=0,
+                 head="pool", head_units=16, schedule="warmup_cosine")
+    tuned = {}
+    for adapt in (True, False):
+        result = finetune.finetune(str(cifar_dataset), str(tmp_path / f"bn-{adapt}"), str(tmp_path / "pretrained"),
+                                   **settings("finetune", **whole, train_batchnorm=adapt))
+        assert result["metrics"]["frozen_weights_changed_in_phase1"] == 0
+        assert ("stem_bn" in result["params"]["unfrozen_layers"]) == adapt
+        assert result["params"]["unfrozen_layers"][0] == "stem_conv"  # the whole base, bottom layer too
+        tuned[adapt] = load_model(tmp_path / f"bn-{adapt}").get_layer("backbone")
+        assert not np.allclose(pretrained.get_layer("stem_conv").get_weights()[0],
+                               tuned[adapt].get_layer("stem_conv").get_weights()[0])
+    # BatchNorm's moving statistics follow the target when it adapts, and keep the source's when not
+    moving_mean = lambda model: model.get_layer("stage1_bn").moving_mean.numpy()
+    assert np.array_equal(moving_mean(tuned[False]), moving_mean(pretrained))
+    assert not np.allclose(moving_mean(tuned[True]), moving_mean(pretrained))
+
+
+@pytest.mark.slow
 def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
     for name, epochs in (("baseline", 1), ("better", 4)):
         build.build(str(cifar_dataset), str(tmp_path / f"{name}-untrained"), **settings("build"))
