@@ -197,10 +197,10 @@ def augment(
     output = Path(output_dir)
     work = staging_dir(output)
     try:
-        counters, labels = in_child_process(_run_beam, items, work, image_size, val_fraction, test_fraction,
+        counts, labels = in_child_process(_run_beam, items, work, image_size, val_fraction, test_fraction,
                                              copies, seed, ops, shards, num_workers, max_pixels,
                                              beam_options or [])
-        stats = _stats(counters, len(items), time.time() - start)
+        stats = _stats(counts, len(items), time.time() - start)
         if stats["written"]["originals"] == 0:
             raise DataError(f"{data_dir}: no valid image (all {len(items)} files quarantined, see reasons)")
         missing = [s for s in SPLITS if stats["written"]["by_split"].get(s, 0) == 0 and s != "val"]
@@ -231,7 +231,7 @@ def augment(
 
 def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies, seed, ops,
               shards, num_workers, max_pixels, beam_options) -> dict[str, int]:
-    """Build and run the Beam pipeline; returns its counters and the label vocabulary.
+    """Build and run the Beam pipeline; returns its counts (see _stats) and the label vocabulary.
 
     Memory stays flat as the input grows: only small per-file records (path, label, hash) are
     grouped (for the dedupe); image bytes are read again where they are used, and everything
@@ -241,8 +241,6 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
     import tensorflow as tf
     import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
-    from apache_beam.metrics import Metrics
-    from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.public import tfxio
@@ -272,30 +270,24 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
         rec = decode_image(item[0], item[1], max_pixels)
         report("checked", 1)
         if "reason" in rec:
-            Metrics.counter("kflift", "quarantined:" + rec["reason"].split(":")[0]).inc()
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
-        if rec["converted"]:
-            Metrics.counter("kflift", "converted").inc()
         # Only this small record travels on (the dedupe groups it); the bytes are read again later.
         return rec["sha256"], {"path": rec["path"], "label": rec["label"], "sha256": rec["sha256"],
+                               "converted": rec["converted"],
                                "as_is": rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES}
 
     def keep_first(kv):
         records = sorted(kv[1], key=lambda r: r["path"])
-        Metrics.counter("kflift", "duplicates").inc(len(records) - 1)
-        rec = records[0]
-        split = split_of(rec["sha256"], val_fraction, test_fraction)
-        Metrics.counter("kflift", f"originals:{split}:{rec['label']}").inc()
-        return beam.pvalue.TaggedOutput(split, rec)
+        rec = {**records[0], "duplicates": len(records) - 1}
+        return beam.pvalue.TaggedOutput(split_of(rec["sha256"], val_fraction, test_fraction), rec)
 
     def raw_examples(rec, split, expand=True, count=True):
         record = {**rec, "image": _reread(rec, max_pixels)}
         examples = expand_training_record(record, copies, seed, ops) if expand else [
             {"image": record["image"], "label": rec["label"], "key": rec["sha256"]}]
         if count:
-            Metrics.counter("kflift", f"written:{split}:{rec['label']}").inc(len(examples))
             report("written", len(examples))
-        return [_raw_example(e) for e in examples]
+        return [(rec["label"], _raw_example(e)) for e in examples]
 
     tmp = work / ".tft-tmp"
     p = beam.Pipeline(options=options)
@@ -311,18 +303,25 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
         # copies are perturbations of them, and serving sees originals.
         originals = (splits.train | "Originals" >> beam.FlatMap(raw_examples, "train", expand=False, count=False)
-                     | "OriginalsBatches" >> raw_format.BeamSource())
+                     | "OriginalsOnly" >> beam.Values() | "OriginalsBatches" >> raw_format.BeamSource())
         adapter = raw_format.TensorAdapterConfig()
         transform_fn = ((originals, adapter) | "Analyze" >> tft_beam.AnalyzeDataset(
             lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(work / "transform_fn"))
+        # The statistics count the pipeline's own outputs, so every runner gives the same numbers
+        # (not all report metrics): a (name, n) tally per event, summed by name into counts.jsonl.
+        tallies = [decoded.bad | "CountQuarantined" >> beam.Map(lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
+                  decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1]["converted"])))]
         for s in SPLITS:
+            tallies.append(getattr(splits, s) | f"CountOriginals-{s}" >> beam.FlatMap(
+                lambda r, s: [(f"originals:{s}:{r['label']}", 1), ("duplicates", r["duplicates"])], s))
             # The fusion break sits on the small records: Transform waits for the transform_fn
             # side input, and the local runner holds what it waits on in memory, so the image
             # bytes (and their augmented copies) are read only once the graph is there.
-            batches = (getattr(splits, s) | f"Wait-{s}" >> beam.Reshuffle()
-                       | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train")
-                       | f"Batches-{s}" >> raw_format.BeamSource())
+            labelled = (getattr(splits, s) | f"Wait-{s}" >> beam.Reshuffle()
+                        | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train"))
+            tallies.append(labelled | f"CountWritten-{s}" >> beam.Map(lambda kv, s: (f"written:{s}:{kv[0]}", 1), s))
+            batches = labelled | f"Examples-{s}" >> beam.Values() | f"Batches-{s}" >> raw_format.BeamSource()
             transformed, _ = (((batches, adapter), transform_fn)
                               | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
             (work / s).mkdir()
@@ -331,15 +330,15 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
             _ = (transformed | f"Encode-{s}" >> beam.FlatMapTuple(lambda batch, _: _encoder().encode(batch))
                  | f"Write-{s}" >> beam.io.WriteToTFRecord(
                      str(work / s / "part"), file_name_suffix=".tfrecord.gz", num_shards=shards))
-        result = p.run()
-        result.wait_until_finish()
+        _ = (tallies | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum)
+             | "CountsJson" >> beam.Map(lambda kv: json.dumps({"name": kv[0], "n": kv[1]}))
+             | "WriteCounts" >> beam.io.WriteToText(str(tmp / "counts"), file_name_suffix=".jsonl",
+                                                    shard_name_template=""))
+        p.run().wait_until_finish()
+    totals = {c["name"]: c["n"] for c in map(json.loads, (tmp / "counts.jsonl").read_text().splitlines())}
     shutil.rmtree(tmp, ignore_errors=True)
     labels = [v.decode() if isinstance(v, bytes) else v for v in
               tft.TFTransformOutput(str(work / "transform_fn")).vocabulary_by_name("labels")]
-    counters = result.metrics().query(MetricsFilter().with_namespace("kflift"))["counters"]
-    totals: dict[str, int] = {}
-    for c in counters:
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
     return totals, labels
 
 
@@ -393,21 +392,21 @@ def preview(items, path: Path, copies: int, seed: int, ops: dict, max_pixels: in
     return image_grid(grid, path, ["original"] + [f"copy {k + 1}" for k in range(copies)], labels)
 
 
-def _stats(counters: dict[str, int], n_read: int, seconds: float) -> dict:
-    """Turn counters into stats.json, and check that every file read is accounted for."""
+def _stats(counts: dict[str, int], n_read: int, seconds: float) -> dict:
+    """Turn the pipeline's counts into stats.json, and check that every file read is accounted for."""
     def grouped(prefix):
         out: dict = {}
-        for name, n in counters.items():
+        for name, n in counts.items():
             if name.startswith(prefix + ":"):
                 split, label = name.split(":", 2)[1:]
                 out.setdefault(split, {})[label] = n
         return out
 
-    quarantined = {k.split(":", 1)[1]: n for k, n in counters.items() if k.startswith("quarantined:")}
+    quarantined = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("quarantined:")}
     originals = grouped("originals")
     written = grouped("written")
     n_originals = sum(sum(v.values()) for v in originals.values())
-    duplicates = counters.get("duplicates", 0)
+    duplicates = counts.get("duplicates", 0)
     accounted = n_originals + sum(quarantined.values()) + duplicates
     if accounted != n_read:
         raise RuntimeError(f"augment lost images: read {n_read}, but written {n_originals} + "
@@ -418,7 +417,7 @@ def _stats(counters: dict[str, int], n_read: int, seconds: float) -> dict:
         "quarantined": quarantined,
         "quarantined_total": sum(quarantined.values()),
         "duplicates": duplicates,
-        "converted": counters.get("converted", 0),
+        "converted": counts.get("converted", 0),
         "written": {
             "originals": n_originals,
             "originals_by_split": {s: sum(v.values()) for s, v in originals.items()},

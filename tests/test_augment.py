@@ -122,6 +122,24 @@ def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_statistics_come_from_the_pipeline_not_the_runners_metrics(messy_run, messy_folder, tmp_path):
+    # Beam's portable runner (its embedded job service, SDK workers over the Fn API): the counts are
+    # the pipeline's own outputs, so a runner reports the local runner's numbers whatever metrics it keeps.
+    out = tmp_path / "portable"
+    result = run_augment(messy_folder, out, beam_options=["--runner=PortableRunner", "--job_endpoint=embed",
+                                                          "--environment_type=LOOPBACK"])
+    timeless = lambda stats: {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
+    assert timeless(result["meta"]["stats"]) == timeless(messy_run[0]["meta"]["stats"])
+    for split in ("train", "test"):  # the same records, in any order (each runner shards its own way)
+        portable = {r["key"]: r for r in read_records(out, split)}
+        local = {r["key"]: r for r in read_records(messy_run[1], split)}
+        assert portable.keys() == local.keys()
+        for key, record in local.items():
+            assert portable[key]["label"] == record["label"]
+            np.testing.assert_allclose(portable[key]["image"], record["image"], rtol=0, atol=1e-5)
+
+
 def test_split_is_stable_when_the_folder_grows(messy_run, messy_folder, cifar_dir, tmp_path):
     _, first = messy_run
     grown = copy_subset(cifar_dir, tmp_path / "grown", ["automobile", "truck"], 16)
