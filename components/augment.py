@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .sources import DataError, list_images
+from .sources import DataError, list_images, read_bytes
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
 from .processes import in_child_process
@@ -50,7 +50,7 @@ def decode_image(path: str, label: str, max_pixels: int) -> dict:
     """Read and check one file. Returns a record, or a quarantine entry with its reason."""
     base = {"path": path, "label": label}
     try:
-        data = Path(path).read_bytes()
+        data = read_bytes(path)
     except OSError as exc:
         return {**base, "reason": f"unreadable: {exc.strerror or exc}"}
     if not data:
@@ -346,7 +346,7 @@ def _reread(rec: dict, max_pixels: int) -> bytes:
     """A checked file's encoded bytes, read again: as they are when TF decodes them directly,
     converted to PNG otherwise. A file changed since it was checked stops the stage."""
     path = rec["path"]
-    data = Path(path).read_bytes()
+    data = read_bytes(path)
     if hashlib.sha256(data).hexdigest() != rec["sha256"]:
         raise DataError(f"{path}: the file changed while the augment stage ran; rerun the stage")
     return data if rec["as_is"] else decode_image(path, rec["label"], max_pixels)["image"]

@@ -12,15 +12,55 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the path and the problem."""
 
 
+def is_uri(path: str | Path) -> bool:
+    """A URI of a filesystem Beam knows (s3://, gs://, hdfs://), as opposed to a local path."""
+    return "://" in str(path)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes, from a local path or a URI (through Beam's FileSystems: its S3, GCS or
+    HDFS client, credentials from the environment). Raises OSError when it cannot be read."""
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(str(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+def list_uri_folder(root: str) -> dict[str, list[str]]:
+    """An image folder at a URI: {class: [file URI, ...]}, one level of class "folders" (prefixes)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    base = root.rstrip("/") + "/"
+    found: dict[str, list[str]] = {}
+    try:
+        matched = FileSystems.match([base + "*"])[0].metadata_list
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own kind
+        raise DataError(f"cannot list {root}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for meta in matched:
+        cls, _, name = meta.path[len(base):].partition("/")
+        if name and "/" not in name and not cls.startswith(".") and not name.startswith("."):
+            found.setdefault(cls, []).append(meta.path)
+    return {c: sorted(files) for c, files in found.items()}
+
+
 def list_images(
     source: str | Path, include: list[str] | None = None, exclude: list[str] | None = None
-) -> dict[str, list[Path]]:
+) -> dict[str, list]:
     """Map each class to its files, sorted, after include/exclude filters.
 
-    `source` is an image folder (one sub-folder per class) or a CSV manifest of `path,label`
-    rows (paths relative to the CSV). Every entry is listed, unreadable ones too: the augment
+    `source` is an image folder (one sub-folder per class; a local path or a URI such as
+    s3://bucket/images, whose files come back as URIs) or a CSV manifest of `path,label` rows
+    (paths relative to the CSV). Every entry is listed, unreadable ones too: the augment
     stage quarantines them with their reason rather than dropping them.
     """
+    if is_uri(source):
+        found, root = list_uri_folder(str(source)), str(source)
+        if not found:
+            raise DataError(f"data folder not found (or empty): {root}")
+        return _filtered(found, root, include, exclude)
     root = Path(source)
     if root.is_file() and root.suffix.lower() == ".csv":
         found = _read_manifest(root)
@@ -29,6 +69,11 @@ def list_images(
                  for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     else:
         raise DataError(f"data folder not found: {root}")
+    return _filtered(found, root, include, exclude)
+
+
+def _filtered(found: dict[str, list], root, include: list[str] | None, exclude: list[str] | None) -> dict[str, list]:
+    """The classes kept by the include/exclude filters, each checked for files; at least two."""
     classes = sorted(found)
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")

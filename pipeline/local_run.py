@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..components import tracking
-from ..components.sources import DataError, list_images, write_digits_folder
+from ..components.sources import DataError, is_uri, list_images, write_digits_folder
 from ..components.files import publish_dir, staging_dir, write_json
 from .config import NO_SOURCE_NOTE, NO_TRANSFER, Config
 from .console import RunConsole
@@ -23,7 +23,8 @@ class StageFailed(RuntimeError):
 def resolve_data(cfg: Config) -> tuple[str, str]:
     """The target and transfer-source folders, checked before anything runs."""
     output = Path(cfg.output).resolve()
-    data_dir = Path(cfg.data).resolve() if cfg.data else write_digits_folder(output / "datasets" / "digits")
+    local = lambda path: path if is_uri(path) else Path(path).resolve()  # a URI stays as it is
+    data_dir = local(cfg.data) if cfg.data else write_digits_folder(output / "datasets" / "digits")
     tx = cfg.transfer
     list_images(data_dir, exclude=tx.source_classes if tx.weights == "pipeline" else None)
     if tx.weights == "pipeline":
@@ -31,7 +32,7 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
             list_images(tx.source_dir)
         else:
             list_images(data_dir, include=tx.source_classes)
-    return str(data_dir), str(Path(tx.source_dir).resolve()) if tx.source_dir else str(data_dir)
+    return str(data_dir), str(local(tx.source_dir)) if tx.source_dir else str(data_dir)
 
 
 CONFIG_FILE = "config.json"

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..components.sources import is_uri
 from .config import Config
 
 
@@ -34,7 +35,10 @@ def check_host(host: str, token: str | None, timeout: float = 10.0) -> None:
 
 
 def check_data_dir(cfg: Config, path: str, flag: str = "--data-dir") -> None:
-    """The pods see data only on the claim mounted at cluster.data_mount: a path elsewhere cannot work."""
+    """The pods see data only on the claim mounted at cluster.data_mount, or in an object store (a
+    URI such as s3://bucket/images, read with credentials from the pod's environment)."""
+    if is_uri(path):
+        return
     mount = posixpath.normpath(cfg.cluster.data_mount)
     if not cfg.cluster.data_pvc:
         raise SubmitError(f"{flag} {path}: no data volume is set; name the claim that holds your images "

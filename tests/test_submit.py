@@ -94,6 +94,15 @@ def test_contract_submit_tracks_into_the_in_cluster_mlflow_by_default(fake_kfp):
     assert run["runtime_config"]["parameters"]["tracking_uri"] == "http://kflift-mlflow.kflift:5000"
 
 
+def test_contract_data_in_an_object_store_needs_no_data_volume(fake_kfp):
+    proc = kflift("submit", "--host", fake_kfp, "--data-dir", "s3://kflift-data/vehicles",
+                  "--set", "transfer.source_classes=airplane,ship")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next(body for method, path, body, _ in FakeKfp.calls if method == "POST" and path.endswith("/runs"))
+    assert run["runtime_config"]["parameters"]["data_dir"] == "s3://kflift-data/vehicles"
+    assert "pvcMount" not in json.dumps(run["pipeline_spec"]["platform_spec"])  # no claim to mount
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "/data/x", *PVC, "--tracking-uri", "sqlite:///mlflow.db"],
      "--tracking-uri sqlite:///mlflow.db: a cluster run needs an MLflow server"),
