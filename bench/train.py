@@ -1,6 +1,6 @@
 """Train-stage throughput against a bare `model.fit` on the same data and model, in one run.
 
-    python bench/train.py [--data DIR] [--epochs N] [--repeats R]
+    python bench/train.py [--data DIR] [--epochs N] [--repeats R] [--config FILE] [--set key=value ...]
 
 Augments automobile vs truck of the shared CIFAR-10 vehicles once, then times (1) a bare
 Keras `model.fit` over the same tf.data pipeline and (2) the train stage function (checkpoints
@@ -24,15 +24,17 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the best counts")
+    parser.add_argument("--config", help="a config file, e.g. configs/resnet.yaml (default: the defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
     args = parser.parse_args()
 
     from kflift.components import build, train
     from kflift.components.augment import augment
     from kflift.components.files import load_model
     from kflift.components.records import load_split, read_meta, split_size
-    from kflift.pipeline.config import Config
+    from kflift.pipeline.config import load_config
 
-    cfg = Config()  # the baseline candidate's settings, as pipeline.py composes them
+    cfg = load_config(args.config, args.overrides)  # the baseline candidate's settings, as pipeline.py composes them
 
     work = Path(tempfile.mkdtemp(prefix="kflift-bench-train-"))
     augment(args.data, str(work / "data"), include_classes=["automobile", "truck"],

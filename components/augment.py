@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .sources import DataError, list_images, read_bytes
+from .sources import DataError, filesystems, list_images, read_bytes
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
 from .processes import in_child_process
@@ -185,6 +185,7 @@ def augment(
     max_pixels: int,
     seed: int,
     beam_options: list[str],
+    staging_uri: str,
     include_classes: list[str] | None = None,
     exclude_classes: list[str] | None = None,
 ) -> StageResult:
@@ -197,7 +198,10 @@ def augment(
     output = Path(output_dir)
     work = staging_dir(output)
     try:
-        counts, labels = in_child_process(_run_beam, items, work, image_size, val_fraction, test_fraction,
+        # The workers write what they make to the staging URI (a remote runner's workers reach it), or
+        # straight into the output; tf.Transform's graph goes to the output (a path TF can write).
+        sink = f"{staging_uri.rstrip('/')}/{work.name}" if staging_uri else str(work)
+        counts, labels = in_child_process(_run_beam, items, work, sink, image_size, val_fraction, test_fraction,
                                              copies, seed, ops, shards, num_workers, max_pixels,
                                              beam_options or [])
         stats = _stats(counts, len(items), time.time() - start)
@@ -229,9 +233,12 @@ def augment(
     }
 
 
-def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies, seed, ops,
+def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fraction, copies, seed, ops,
               shards, num_workers, max_pixels, beam_options) -> dict[str, int]:
     """Build and run the Beam pipeline; returns its counts (see _stats) and the label vocabulary.
+
+    The records, quarantine and counts go to `sink` (the output folder `work`, or a URI in an object
+    store, fetched into `work` after the run); the transform graph to `work`.
 
     Memory stays flat as the input grows: only small per-file records (path, label, hash) are
     grouped (for the dedupe); image bytes are read again where they are used, and everything
@@ -297,7 +304,7 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
                    | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         _ = (decoded.bad | "QuarantineJson" >> beam.Map(json.dumps, sort_keys=True)
              | "WriteQuarantine" >> beam.io.WriteToText(
-                 str(work / "quarantine"), file_name_suffix=".jsonl", shard_name_template=""))
+                 f"{sink}/quarantine", file_name_suffix=".jsonl", shard_name_template=""))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
                   | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
@@ -324,22 +331,37 @@ def _run_beam(items, work: Path, image_size, val_fraction, test_fraction, copies
             batches = labelled | f"Examples-{s}" >> beam.Values() | f"Batches-{s}" >> raw_format.BeamSource()
             transformed, _ = (((batches, adapter), transform_fn)
                               | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
-            (work / s).mkdir()
+            if sink == str(work):
+                (work / s).mkdir()
             # shards=0: a file per worker bundle, streamed; N: exactly N files (Beam groups the
             # split's records to deal them out, which holds them in memory on the local runner).
             _ = (transformed | f"Encode-{s}" >> beam.FlatMapTuple(lambda batch, _: _encoder().encode(batch))
                  | f"Write-{s}" >> beam.io.WriteToTFRecord(
-                     str(work / s / "part"), file_name_suffix=".tfrecord.gz", num_shards=shards))
+                     f"{sink}/{s}/part", file_name_suffix=".tfrecord.gz", num_shards=shards))
         _ = (tallies | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum)
              | "CountsJson" >> beam.Map(lambda kv: json.dumps({"name": kv[0], "n": kv[1]}))
-             | "WriteCounts" >> beam.io.WriteToText(str(tmp / "counts"), file_name_suffix=".jsonl",
+             | "WriteCounts" >> beam.io.WriteToText(f"{sink}/.counts", file_name_suffix=".jsonl",
                                                     shard_name_template=""))
         p.run().wait_until_finish()
-    totals = {c["name"]: c["n"] for c in map(json.loads, (tmp / "counts.jsonl").read_text().splitlines())}
     shutil.rmtree(tmp, ignore_errors=True)
+    if sink != str(work):
+        fetch(sink, work)
+    totals = {c["name"]: c["n"] for c in map(json.loads, (work / ".counts.jsonl").read_text().splitlines())}
+    (work / ".counts.jsonl").unlink()
     labels = [v.decode() if isinstance(v, bytes) else v for v in
               tft.TFTransformOutput(str(work / "transform_fn")).vocabulary_by_name("labels")]
     return totals, labels
+
+
+def fetch(uri: str, folder: Path) -> None:
+    """Copy every file under a URI into a local folder (keeping the relative paths), then delete them
+    there: what a remote runner wrote becomes the stage's output."""
+    found = filesystems().match([uri + "/**"])[0].metadata_list
+    for meta in found:
+        local = folder / meta.path[len(uri) + 1:]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(read_bytes(meta.path))
+    filesystems().delete([m.path for m in found])
 
 
 def _reread(rec: dict, max_pixels: int) -> bytes:

@@ -17,26 +17,34 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def filesystems():
+    """Beam's FileSystems, ready outside a pipeline too (its S3 client wants options to exist; with
+    none set it takes boto3's defaults: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... from the environment)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    if FileSystems._pipeline_options is None:
+        FileSystems.set_options(PipelineOptions([]))
+    return FileSystems
+
+
 def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, from a local path or a URI (through Beam's FileSystems: its S3, GCS or
     HDFS client, credentials from the environment). Raises OSError when it cannot be read."""
     if not is_uri(path):
         return Path(path).read_bytes()
     from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(str(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with filesystems().open(str(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
 
 
 def list_uri_folder(root: str) -> dict[str, list[str]]:
     """An image folder at a URI: {class: [file URI, ...]}, one level of class "folders" (prefixes)."""
-    from apache_beam.io.filesystems import FileSystems
-
     base = root.rstrip("/") + "/"
     found: dict[str, list[str]] = {}
     try:
-        matched = FileSystems.match([base + "*"])[0].metadata_list
+        matched = filesystems().match([base + "*/*"])[0].metadata_list
     except Exception as exc:  # noqa: BLE001 - each filesystem raises its own kind
         raise DataError(f"cannot list {root}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     for meta in matched:

@@ -85,13 +85,16 @@ class AugmentConfig(_Section):
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are quarantined")
     seed: int = 42
     beam_options: list[str] = Field(default_factory=list, description="passed through to Beam")
+    staging_uri: str = Field("", description="where the Beam workers write the records, quarantine and counts "
+                             "(s3://, gs://, hdfs://: a remote runner's workers reach it, a local folder they may "
+                             "not); fetched into the stage's output after the run. Empty: the output folder itself")
 
     def stage_kwargs(self) -> dict:
         """The augment stage function's arguments (all but data, output and class filters)."""
         return {"image_size": self.image_size, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "copies": self.copies, "ops": self.ops.image_ops(),
                 "shards": self.shards, "num_workers": self.num_workers, "max_pixels": self.max_pixels,
-                "seed": self.seed, "beam_options": list(self.beam_options)}
+                "seed": self.seed, "beam_options": list(self.beam_options), "staging_uri": self.staging_uri}
 
 
 class ModelConfig(_Section):
