@@ -255,6 +255,11 @@ class ClusterConfig(_Section):
     data_mount: str = Field("/data", pattern=r"^/", description="where the claim is mounted in the pods")
     tracking_uri: str = Field("http://kflift-mlflow.kflift:5000", pattern=r"^https?://",
                               description="MLflow server the pods track into (default: the in-cluster one)")
+    object_store_secret: str = Field("", description="Secret (keys access-key-id, secret-access-key) that the "
+                                     "augment tasks get as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, for s3:// "
+                                     "data and augment.staging_uri (k8s/storage/kind: kflift-minio)")
+    object_store_endpoint: str = Field("", description="AWS_ENDPOINT_URL of the augment tasks: an S3-compatible "
+                                       "store such as MinIO (empty: AWS itself)")
 
 
 class Config(_Section):

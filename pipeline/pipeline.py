@@ -119,6 +119,11 @@ def on_cluster(task, kind: str, cfg: Config):
         task.set_caching_options(False)
         if cluster.data_pvc:  # KFP 2.17's PvcMount has no read-only flag: the PV is ReadOnlyMany
             kubernetes.mount_pvc(task, pvc_name=cluster.data_pvc, mount_path=cluster.data_mount)
+        if cluster.object_store_secret:  # s3:// data and staging: keys from a Secret, never a parameter
+            kubernetes.use_secret_as_env(task, secret_name=cluster.object_store_secret, secret_key_to_env={
+                "access-key-id": "AWS_ACCESS_KEY_ID", "secret-access-key": "AWS_SECRET_ACCESS_KEY"})
+        if cluster.object_store_endpoint:
+            task.set_env_variable("AWS_ENDPOINT_URL", cluster.object_store_endpoint)
     if kind == "train":
         task.set_retry(num_retries=res.retries, backoff_duration="30s", backoff_factor=2)
         if res.gpu_limit:  # else a CPU-only cluster (kind): no GPU request, selector or toleration

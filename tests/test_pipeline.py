@@ -123,6 +123,22 @@ def test_data_volume_is_mounted_into_each_augment_task_only(tmp_path):
     assert set(k8s) == set(spec["deploymentSpec"]["executors"])  # every task gets the pull secret
 
 
+def test_augment_tasks_get_the_object_store_keys_from_a_secret_and_nothing_else_does(tmp_path):
+    spec, platform = compiled(tmp_path, "cluster.object_store_secret=kflift-minio",
+                              "cluster.object_store_endpoint=http://minio.kflift-beam:9000")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        secrets = [(s["secretName"], {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]})
+                   for s in k8s.get(name, {}).get("secretAsEnv", [])]
+        if "augment" in name:
+            assert env == {"AWS_ENDPOINT_URL": "http://minio.kflift-beam:9000"}
+            assert secrets == [("kflift-minio", {"access-key-id": "AWS_ACCESS_KEY_ID",
+                                                 "secret-access-key": "AWS_SECRET_ACCESS_KEY"})]
+        else:
+            assert not env and not secrets, name
+
+
 def test_images_default_to_the_last_builds_content_tags(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
