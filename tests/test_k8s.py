@@ -69,22 +69,29 @@ def run(args: list, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
                           env=env, **kw)
 
 
-@pytest.fixture(scope="session")
-def rendered_dir(tmp_path_factory) -> Path:
-    """Each target rendered once by `kubectl kustomize` into <dir>/<name>.yaml."""
+def render(out: Path, targets: list[str]) -> Path:
+    """Each target rendered once by `kubectl kustomize` into <out>/<name>.yaml."""
     kubectl = tool("kubectl")
-    out = tmp_path_factory.mktemp("k8s-rendered")
-    for target in ALL_TARGETS:
+    for target in targets:
         proc = run([kubectl, "kustomize", K8S / target])
         assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
         (out / f"{target.replace('/', '-')}.yaml").write_text(proc.stdout)
     return out
 
 
+def load_rendered(out: Path, targets: list[str]) -> dict[str, list[dict]]:
+    return {t: [d for d in yaml.safe_load_all((out / f"{t.replace('/', '-')}.yaml").read_text()) if d]
+            for t in targets}
+
+
+@pytest.fixture(scope="session")
+def rendered_dir(tmp_path_factory) -> Path:
+    return render(tmp_path_factory.mktemp("k8s-rendered"), ALL_TARGETS)
+
+
 @pytest.fixture(scope="session")
 def rendered(rendered_dir) -> dict[str, list[dict]]:
-    return {t: [d for d in yaml.safe_load_all((rendered_dir / f"{t.replace('/', '-')}.yaml").read_text()) if d]
-            for t in ALL_TARGETS}
+    return load_rendered(rendered_dir, ALL_TARGETS)
 
 
 def pod_specs(docs: list[dict]):

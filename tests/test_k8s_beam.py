@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from test_k8s import K8S, K8S_VERSIONS, REPO, WORKLOADS, checkov, containers, one, run, selects, tool
+from test_k8s import (K8S, K8S_VERSIONS, REPO, WORKLOADS, checkov, containers, load_rendered, one, render, run, selects,
+                      tool)
 
 pytestmark = pytest.mark.k8s  # manifest tools (kustomize, kubernetes-validate, checkov): `make test` runs them
 
@@ -68,19 +69,12 @@ FLINK_DEPLOYMENT_SPEC = {
 
 @pytest.fixture(scope="session")
 def beam_rendered_dir(tmp_path_factory) -> Path:
-    kubectl = tool("kubectl")
-    out = tmp_path_factory.mktemp("k8s-beam-rendered")
-    for target in BEAM_TARGETS:
-        proc = run([kubectl, "kustomize", K8S / target])
-        assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
-        (out / f"{target.replace('/', '-')}.yaml").write_text(proc.stdout)
-    return out
+    return render(tmp_path_factory.mktemp("k8s-beam-rendered"), BEAM_TARGETS)
 
 
 @pytest.fixture(scope="session")
 def rendered(beam_rendered_dir) -> dict[str, list[dict]]:
-    return {t: [d for d in yaml.safe_load_all((beam_rendered_dir / f"{t.replace('/', '-')}.yaml").read_text()) if d]
-            for t in BEAM_TARGETS}
+    return load_rendered(beam_rendered_dir, BEAM_TARGETS)
 
 
 def flink_pods(docs: list[dict]) -> dict[str, dict]:
