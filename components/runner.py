@@ -90,7 +90,8 @@ def _paths(artifact):
 
 def _typed(fn, kwargs: dict) -> dict:
     """A KFP struct parameter (the settings dicts) brings every number as a float: an `int`
-    parameter of the stage function gets its int back."""
+    parameter of the stage function (or `int | str`, say) gets its int back."""
     hints = typing.get_type_hints(fn)
-    return {k: int(v) if hints.get(k) is int and isinstance(v, float) and v.is_integer() else v
+    takes_int = lambda hint: hint is int or int in typing.get_args(hint)
+    return {k: int(v) if takes_int(hints.get(k)) and isinstance(v, float) and v.is_integer() else v
             for k, v in kwargs.items()}

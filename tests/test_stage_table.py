@@ -72,3 +72,13 @@ def test_one_list_of_architectures_and_build_makes_each():
 def test_the_baseline_pulls_no_regularization_lever():
     assert set(UNREGULARIZED) == set(CFG.regularization.build_kwargs())
     assert not any(UNREGULARIZED.values())
+
+
+def test_kfp_struct_floats_come_back_as_ints_where_a_stage_takes_an_int():
+    from kflift.components.runner import _typed
+
+    # KFP's struct parameters bring every number as a float (3 -> 3.0); a slice by 3.0 fails.
+    typed = _typed(STAGES["finetune"].function, {"unfreeze_top": 3.0, "frozen_epochs": 2.0, "learning_rate": 1.0})
+    assert typed == {"unfreeze_top": 3, "frozen_epochs": 2, "learning_rate": 1.0}
+    assert type(typed["unfreeze_top"]) is int and type(typed["learning_rate"]) is float
+    assert _typed(STAGES["finetune"].function, {"unfreeze_top": "all"}) == {"unfreeze_top": "all"}
