@@ -316,9 +316,10 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
             lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(work / "transform_fn"))
         # The statistics count the pipeline's own outputs, so every runner gives the same numbers
-        # (not all report metrics): a (name, n) tally per event, summed by name into counts.jsonl.
-        tallies = [decoded.bad | "CountQuarantined" >> beam.Map(lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
-                  decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1]["converted"])))]
+        # (not all report metrics): a (name, n) tally per event, summed by name into .counts.jsonl.
+        tallies = [decoded.bad | "CountQuarantined" >> beam.Map(
+                       lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
+                   decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1]["converted"])))]
         for s in SPLITS:
             tallies.append(getattr(splits, s) | f"CountOriginals-{s}" >> beam.FlatMap(
                 lambda r, s: [(f"originals:{s}:{r['label']}", 1), ("duplicates", r["duplicates"])], s))

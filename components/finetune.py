@@ -76,7 +76,8 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
              layer_lr_decay: float, train_batchnorm: bool, head: str, head_units: int, batch_size: int,
              learning_rate: float, optimizer: str, schedule: str, label_smoothing: float,
              weight_decay: float, mixed_precision: str, distribute: str, seed: int, patience: int, monitor: str,
-             augmented: bool, batch_mixing: dict, checkpoint_dir: str | None = None, resume: bool = False) -> StageResult:
+             augmented: bool, batch_mixing: dict, checkpoint_dir: str | None = None,
+             resume: bool = False) -> StageResult:
     """Transfer: a new head on the backbone, trained frozen (`frozen_epochs`), then the top
     `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`), lower
     for earlier layers by `layer_lr_decay`, BatchNorm adapting to the target if `train_batchnorm`.

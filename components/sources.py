@@ -46,7 +46,8 @@ def list_uri_folder(root: str) -> dict[str, list[str]]:
     try:
         matched = filesystems().match([base + "*/*"])[0].metadata_list
     except Exception as exc:  # noqa: BLE001 - each filesystem raises its own kind
-        raise DataError(f"cannot list {root}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot list {root}: {type(exc).__name__}: {first_line}") from None
     for meta in matched:
         cls, _, name = meta.path[len(base):].partition("/")
         if name and "/" not in name and not cls.startswith(".") and not name.startswith("."):

@@ -108,7 +108,7 @@ def test_layer_rates_scale_each_variables_step():
 
     from kflift.components.train import OPTIMIZERS, with_layer_rates
 
-    slow, fast = keras.Variable(np.zeros(2, "float32"), name="slow"), keras.Variable(np.zeros(2, "float32"), name="fast")
+    slow, fast = (keras.Variable(np.zeros(2, "float32"), name=name) for name in ("slow", "fast"))
     opt = with_layer_rates(OPTIMIZERS["adamw"](0.1, 0.0), {slow.path: 0.1})
     opt.apply_gradients([(np.ones(2, "float32"), slow), (np.ones(2, "float32"), fast)])
     # Adam's first step is -lr * sign(gradient), whatever the gradient's size: a tenth of the rate, a tenth the step.
