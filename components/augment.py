@@ -357,12 +357,17 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
 def fetch(uri: str, folder: Path) -> None:
     """Copy every file under a URI into a local folder (keeping the relative paths), then delete them
     there: what a remote runner wrote becomes the stage's output."""
-    found = filesystems().match([uri + "/**"])[0].metadata_list
+    from apache_beam.io.filesystem import CompressionTypes
+
+    fs = filesystems()
+    found = fs.match([uri + "/**"])[0].metadata_list
     for meta in found:
         local = folder / meta.path[len(uri) + 1:]
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(read_bytes(meta.path))
-    filesystems().delete([m.path for m in found])
+        # Streamed: a record shard can be far larger than memory should hold.
+        with fs.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, local.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    fs.delete([m.path for m in found])
 
 
 def _reread(rec: dict, max_pixels: int) -> bytes:
