@@ -1,12 +1,12 @@
 """Augment-stage throughput and memory against a plain single-process Pillow + NumPy loop.
 
-    python bench/augment.py [--sizes 10000 100000] [--workers 2]
+    python bench/augment.py [--sizes 10000 100000] [--workers auto]
 
 For each size, tiles the shared CIFAR-10 vehicles into that many distinct images (one pixel
 changed per tile, so none is a duplicate), then runs in fresh processes (1) a plain loop doing
 the same decode, checks, augmentation (same ops, same copies) and GZIP TFRecord write, and
-(2) the augment stage (Beam + tf.Transform, `--workers` local workers). Prints images/s of
-both, their ratio, and each one's peak RSS.
+(2) the augment stage (Beam + tf.Transform; `--workers` local workers, auto as the stage picks).
+Prints images/s of both, their ratio, and each one's peak RSS.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ import sys
 from kflift.components.augment import augment
 from kflift.pipeline.config import AugmentConfig
 if __name__ == "__main__":
-    settings = AugmentConfig(copies=int(sys.argv[3]), num_workers=int(sys.argv[4])).stage_kwargs()
+    workers = sys.argv[4] if sys.argv[4] == "auto" else int(sys.argv[4])
+    settings = AugmentConfig(copies=int(sys.argv[3]), num_workers=workers).stage_kwargs()
     augment(sys.argv[1], sys.argv[2], **settings)
 '''
 
@@ -87,7 +88,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="auto", help="local Beam workers, or auto (augment.num_workers)")
     parser.add_argument("--copies", type=int, default=2)
     args = parser.parse_args()
     rows = []

@@ -14,14 +14,15 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .sources import DataError, filesystems, list_images, read_bytes
+from .sources import DataError, filesystems, list_images, read_bytes, store_uri
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
-from .processes import in_child_process
+from .processes import in_child_process, usable_cpus
 from .stages import StageResult
 from .progress import progress
 
@@ -181,29 +182,33 @@ def augment(
     copies: int,
     ops: dict,
     shards: int,
-    num_workers: int,
+    num_workers: int | str,
+    parallel_from: int,
     max_pixels: int,
     seed: int,
     beam_options: list[str],
     staging_uri: str,
+    transform_temp: str,
     include_classes: list[str] | None = None,
     exclude_classes: list[str] | None = None,
+    artifact_uri: str = "",
 ) -> StageResult:
     """Run the stage on an image folder or CSV manifest; settings from config
     (`AugmentConfig.stage_kwargs`; `ops`: `AugmentOps`). Returns the stage result; the output holds TFRecords per split, the
-    transform graph, meta.json, stats.json, quarantine.jsonl and preview.png."""
+    transform graph, meta.json, stats.json, quarantine.jsonl and preview.png.
+
+    `artifact_uri`: where KFP uploads the output folder on a cluster (its Dataset artifact's URI in KFP's
+    object store); with `staging_uri="artifact"` the workers write the records straight there."""
     start = time.time()
     folder = list_images(data_dir, include_classes, exclude_classes)
     items = [(str(p), label) for label, files in folder.items() for p in files]
     output = Path(output_dir)
     work = staging_dir(output)
     try:
-        # The workers write what they make to the staging URI (a remote runner's workers reach it), or
-        # straight into the output; tf.Transform's graph goes to the output (a path TF can write).
-        sink = f"{staging_uri.rstrip('/')}/{work.name}" if staging_uri else str(work)
-        counts, labels = in_child_process(_run_beam, items, work, sink, image_size, val_fraction, test_fraction,
-                                             copies, seed, ops, shards, num_workers, max_pixels,
-                                             beam_options or [])
+        places = _places(work, staging_uri, transform_temp, artifact_uri)
+        workers = num_workers if num_workers != "auto" else usable_cpus() if len(items) >= parallel_from else 1
+        counts, labels = in_child_process(_run_beam, items, work, places, image_size, val_fraction, test_fraction,
+                                             copies, seed, ops, shards, workers, max_pixels, beam_options or [])
         stats = _stats(counts, len(items), time.time() - start)
         if stats["written"]["originals"] == 0:
             raise DataError(f"{data_dir}: no valid image (all {len(items)} files quarantined, see reasons)")
@@ -211,7 +216,8 @@ def augment(
         if missing:
             raise DataError(f"{data_dir}: too few valid images to fill split(s) {missing}")
         meta = {"image_size": image_size, "labels": labels, "num_classes": len(labels),
-                "source": str(data_dir), "stats": stats}
+                "source": str(data_dir), "stats": stats,
+                **({"records_uri": places.sink} if places.records_stay else {})}
         write_json(work / META_FILE, meta)
         write_json(work / "stats.json", stats)
         if copies:
@@ -224,7 +230,7 @@ def augment(
         "params": {"data_dir": data_dir, "image_size": image_size, "include_classes": include_classes or [],
                    "exclude_classes": exclude_classes or [], "val_fraction": val_fraction,
                    "test_fraction": test_fraction, "copies": copies, "ops": ops, "seed": seed,
-                   "shards": shards, "num_workers": num_workers, "labels": labels},
+                   "shards": shards, "num_workers": workers, "labels": labels},
         "metrics": {k: v for k, v in stats.items() if k != "written"} | {"written": stats["written"]},
         "artifacts": [(None, output / "stats.json"), (None, output / "quarantine.jsonl"),
                       (None, output / "preview.png"),
@@ -233,12 +239,34 @@ def augment(
     }
 
 
-def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fraction, copies, seed, ops,
+class Places(NamedTuple):
+    """Where the Beam workers write (see `_places`)."""
+    sink: str  # records, quarantine and counts
+    records_stay: bool  # the records stay at `sink` (a KFP artifact's URI): only the small files come back
+    transform: str  # tf.Transform's temporary files and the transform graph
+
+
+def _places(work: Path, staging_uri: str, transform_temp: str, artifact_uri: str) -> Places:
+    """Where the workers write. The local runner: straight into the output (`work`). A remote runner's
+    workers cannot reach this machine's disk: the records go to `staging_uri` (fetched back after the
+    run) or, with "artifact" on a cluster, to the KFP Dataset artifact's own URI, where they stay (KFP's
+    launcher uploads the small files beside them and hands the whole artifact to the next stages).
+    tf.Transform's graph goes where TensorFlow can write and every worker can read: `transform_temp`
+    (a shared volume's path, or gs://; TensorFlow 2.21 has no s3://)."""
+    if staging_uri == "artifact":
+        places = (store_uri(artifact_uri), True) if artifact_uri else (str(work), False)
+    else:
+        places = (f"{staging_uri.rstrip('/')}/{work.name}", False) if staging_uri else (str(work), False)
+    return Places(*places, f"{transform_temp.rstrip('/')}/{work.name}" if transform_temp else str(work))
+
+
+def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_fraction, copies, seed, ops,
               shards, num_workers, max_pixels, beam_options) -> dict[str, int]:
     """Build and run the Beam pipeline; returns its counts (see _stats) and the label vocabulary.
 
-    The records, quarantine and counts go to `sink` (the output folder `work`, or a URI in an object
-    store, fetched into `work` after the run); the transform graph to `work`.
+    The records, quarantine and counts go to `places.sink`, the transform graph under
+    `places.transform`; what is not in `work` is brought there after the run (records that stay in
+    a KFP artifact excepted).
 
     Memory stays flat as the input grows: only small per-file records (path, label, hash) are
     grouped (for the dedupe); image bytes are read again where they are used, and everything
@@ -296,9 +324,9 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
             report("written", len(examples))
         return [(rec["label"], _raw_example(e)) for e in examples]
 
-    tmp = work / ".tft-tmp"
+    sink = places.sink
     p = beam.Pipeline(options=options)
-    with tft_beam.Context(temp_dir=str(tmp)):
+    with tft_beam.Context(temp_dir=f"{places.transform}/.tft-tmp"):
         # reshuffle: the file list is spread over the workers instead of one bundle.
         decoded = (p | "List" >> beam.Create(items)
                    | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
@@ -314,7 +342,7 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
         adapter = raw_format.TensorAdapterConfig()
         transform_fn = ((originals, adapter) | "Analyze" >> tft_beam.AnalyzeDataset(
             lambda inputs: preprocessing_fn(inputs, image_size)))
-        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(work / "transform_fn"))
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(f"{places.transform}/transform_fn")
         # The statistics count the pipeline's own outputs, so every runner gives the same numbers
         # (not all report metrics): a (name, n) tally per event, summed by name into .counts.jsonl.
         tallies = [decoded.bad | "CountQuarantined" >> beam.Map(
@@ -344,9 +372,13 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
              | "WriteCounts" >> beam.io.WriteToText(f"{sink}/.counts", file_name_suffix=".jsonl",
                                                     shard_name_template=""))
         p.run().wait_until_finish()
-    shutil.rmtree(tmp, ignore_errors=True)
+    if places.transform == str(work):
+        shutil.rmtree(work / ".tft-tmp", ignore_errors=True)
+    else:  # the graph comes into the output, and the shared folder is cleared
+        copy_tree(f"{places.transform}/transform_fn", work / "transform_fn")
+        tf.io.gfile.rmtree(places.transform)
     if sink != str(work):
-        fetch(sink, work)
+        fetch(sink, work, leave=SPLITS if places.records_stay else ())
     totals = {c["name"]: c["n"] for c in map(json.loads, (work / ".counts.jsonl").read_text().splitlines())}
     (work / ".counts.jsonl").unlink()
     labels = [v.decode() if isinstance(v, bytes) else v for v in
@@ -354,13 +386,14 @@ def _run_beam(items, work: Path, sink: str, image_size, val_fraction, test_fract
     return totals, labels
 
 
-def fetch(uri: str, folder: Path) -> None:
+def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:
     """Copy every file under a URI into a local folder (keeping the relative paths), then delete them
-    there: what a remote runner wrote becomes the stage's output."""
+    there: what a remote runner wrote becomes the stage's output. Sub-folders named in `leave` stay."""
     from apache_beam.io.filesystem import CompressionTypes
 
     fs = filesystems()
-    found = fs.match([uri + "/**"])[0].metadata_list
+    found = [m for m in fs.match([uri + "/**"])[0].metadata_list
+             if m.path[len(uri) + 1:].split("/")[0] not in leave]
     for meta in found:
         local = folder / meta.path[len(uri) + 1:]
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +401,17 @@ def fetch(uri: str, folder: Path) -> None:
         with fs.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, local.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     fs.delete([m.path for m in found])
+
+
+def copy_tree(source: str, target: Path) -> None:
+    """Copy a folder TensorFlow can read (a local path, gs://) into a local one."""
+    import tensorflow as tf
+
+    for folder, _, files in tf.io.gfile.walk(source):
+        local = target / folder[len(source):].lstrip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            tf.io.gfile.copy(f"{folder}/{name}", str(local / name), overwrite=True)
 
 
 def _reread(rec: dict, max_pixels: int) -> bytes:

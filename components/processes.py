@@ -39,3 +39,16 @@ def in_child_process(fn, *args):
     if status == "error":
         raise value
     return value
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a pod's
+    limit, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus

@@ -28,6 +28,12 @@ def filesystems():
     return FileSystems
 
 
+def store_uri(uri: str) -> str:
+    """A KFP artifact URI as Beam's filesystems name it: KFP's `minio://bucket/key` is an S3 bucket on
+    KFP's MinIO (Beam's S3 client reaches it through AWS_ENDPOINT_URL); s3:// and gs:// stay as they are."""
+    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
+
+
 def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, from a local path or a URI (through Beam's FileSystems: its S3, GCS or
     HDFS client, credentials from the environment). Raises OSError when it cannot be read."""

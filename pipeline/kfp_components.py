@@ -25,7 +25,10 @@ def augment_step(tracking_uri: str, experiment: str, parent_run_id: str, run_id:
     run_stage(stage, STAGES["augment"],
               StageContext(tracking_uri, experiment, parent_run_id, run_id, job_id, cache_dir, cache_mode),
               artifacts={"output_dir": dataset}, kfp_metrics=stats, data_dir=data_dir,
-              include_classes=include_classes, exclude_classes=exclude_classes, **settings)
+              include_classes=include_classes, exclude_classes=exclude_classes,
+              # On a cluster the artifact's URI is in KFP's object store (staging_uri "artifact" writes there);
+              # a local run's is a path: none is passed, so the step cache's key stays the same.
+              artifact_uri=dataset.uri if "://" in dataset.uri else "", **settings)
 
 
 def build_step(tracking_uri: str, experiment: str, parent_run_id: str, run_id: str, job_id: str,

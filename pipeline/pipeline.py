@@ -124,6 +124,8 @@ def on_cluster(task, kind: str, cfg: Config):
                 "access-key-id": "AWS_ACCESS_KEY_ID", "secret-access-key": "AWS_SECRET_ACCESS_KEY"})
         if cluster.object_store_endpoint:
             task.set_env_variable("AWS_ENDPOINT_URL", cluster.object_store_endpoint)
+        if cluster.transform_pvc:  # tf.Transform's graph, shared with a remote runner's workers
+            kubernetes.mount_pvc(task, pvc_name=cluster.transform_pvc, mount_path=cfg.augment.transform_temp)
     if kind == "train":
         task.set_retry(num_retries=res.retries, backoff_duration="30s", backoff_factor=2)
         if res.gpu_limit:  # else a CPU-only cluster (kind): no GPU request, selector or toleration

@@ -8,12 +8,8 @@ workers) only through the environment: AWS_* for Beam's S3 filesystem (boto3).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
+import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,67 +18,23 @@ import pytest
 from conftest import REPO, copy_subset, settings
 from kflift.components.augment import augment
 
+sys.path.insert(0, str(REPO / "engines"))
+from loopback import minio_server, spark_cluster, spark_status  # noqa: E402 - shared with bench/engines.py
+
 pytestmark = [pytest.mark.engines, pytest.mark.slow, pytest.mark.xdist_group("engines")]
 
-ENGINES = REPO / ".venv" / "engines"
-HINT = "run scripts/engines.sh (make engines)"
 BUCKET = "kflift"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, what: str, seconds: float = 120):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not up after {seconds:.0f} s")
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
 def minio(tmp_path_factory):
     """A MinIO server on loopback with bucket `kflift`; its endpoint and keys in os.environ for the
-    processes this test starts. Yields a boto3 client."""
-    binary = ENGINES / "bin" / "minio"
-    if not binary.is_file():
-        pytest.fail(f"no MinIO at {binary}: {HINT}")
-    port = free_port()
-    keys = {"AWS_ACCESS_KEY_ID": "kflift-test", "AWS_SECRET_ACCESS_KEY": os.urandom(12).hex(),
-            "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    env = {**os.environ, "MINIO_ROOT_USER": keys["AWS_ACCESS_KEY_ID"],
-           "MINIO_ROOT_PASSWORD": keys["AWS_SECRET_ACCESS_KEY"], "MINIO_BROWSER": "off"}
-    log = tmp_path_factory.mktemp("minio") / "minio.log"
-    proc = subprocess.Popen([str(binary), "server", "--address", f"127.0.0.1:{port}", "--console-address",
-                             f"127.0.0.1:{free_port()}", str(log.parent / "data")],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+    processes this test starts. Yields a boto3 client. A missing engine FAILS, naming the command."""
     try:
-        wait_for(lambda: urllib.request.urlopen(f"{keys['AWS_ENDPOINT_URL']}/minio/health/ready").status == 200,
-                 "MinIO")
-        import boto3
-
-        client = boto3.client("s3")  # endpoint and keys from the environment, as Beam's client takes them
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        with minio_server(tmp_path_factory.mktemp("minio"), BUCKET) as client:
+            yield client
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 def upload(client, folder: Path, prefix: str) -> str:
@@ -152,69 +104,66 @@ def test_augment_reads_and_stages_in_minio_with_the_same_output(minio, images, l
     assert bad["path"] == f"{data}/truck/notes.jpg" and bad["reason"].startswith("not an image")
 
 
-# Spark 3.5 on Java 17 needs these opens (as Spark's own launcher adds them to its driver).
-JAVA_OPENS = [f"--add-opens=java.base/{p}=ALL-UNNAMED" for p in (
-    "java.lang", "java.lang.invoke", "java.lang.reflect", "java.io", "java.net", "java.nio", "java.util",
-    "java.util.concurrent", "java.util.concurrent.atomic", "jdk.internal.ref", "sun.nio.ch", "sun.nio.cs",
-    "sun.security.action", "sun.util.calendar")]
+def upload_folder(client, local: Path, key: str):
+    """KFP's launcher after a task (launcher_v2.go L811-836 at 2.17.0): the output artifact's local path
+    is uploaded file by file under the artifact's key (objectstore.UploadBlob, object_store.go L111-141);
+    what is already under that key stays."""
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), BUCKET, f"{key}/{f.relative_to(local)}")
+
+
+def download_prefix(client, key: str, local: Path) -> Path:
+    """KFP's launcher before a task: every object under an input artifact's key, to the same relative
+    path under its local path (objectstore.DownloadBlob, object_store.go L176-205 at 2.17.0)."""
+    for name in keys_under(client, key + "/"):
+        target = local / name[len(key) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(BUCKET, name, str(target))
+    return local
+
+
+def test_on_a_cluster_the_records_stay_in_the_kfp_artifact_and_kfp_passes_them_on(
+        minio, images, local_reference, tmp_path, sqlite_tracking_uri):
+    """`augment.staging_uri=artifact`: the workers write the records straight to the Dataset artifact's
+    URI in KFP's object store (minio://, KFP's MinIO), the pod only its small files; KFP's launcher
+    uploads those beside them and downloads the whole artifact for the next stage. No KFP backend runs
+    here: the launcher's two steps are ported from its code (upload_folder, download_prefix)."""
+    from kfp.dsl import Dataset, Metrics
+
+    from kflift.pipeline.kfp_components import augment_step
+
+    data = upload(minio, images, "artifact-in")
+    key = "v2/artifacts/kflift/run-1/augment/dataset"
+    dataset = Dataset(name="dataset", uri=f"minio://{BUCKET}/{key}")
+    dataset.custom_path = str(tmp_path / "pod" / "dataset")  # the pod's local path of the artifact
+    augment_step(sqlite_tracking_uri, "kflift", "", "run-1", "", "", "", "augment", data, [], [],
+                 settings("augment", copies=1, staging_uri="artifact"), dataset,
+                 Metrics(name="stats", uri=str(tmp_path / "stats")))
+    pod = Path(dataset.path)
+    # The pod holds only the small files; the records went from the workers to the store.
+    assert sorted(p.name for p in pod.iterdir()) == ["meta.json", "preview.png", "quarantine.jsonl",
+                                                     "stats.json", "transform_fn"]
+    assert json.loads((pod / "meta.json").read_text())["records_uri"] == f"s3://{BUCKET}/{key}"
+    stored = keys_under(minio, key + "/")
+    assert {k[len(key) + 1:].split("/")[0] for k in stored} == {"train", "val", "test"}  # counts: fetched
+    upload_folder(minio, pod, key)
+    downstream = download_prefix(minio, key, tmp_path / "next-task" / "dataset")
+    assert_same_output(downstream, local_reference)
 
 
 @pytest.fixture(scope="module")
 def spark(minio, tmp_path_factory):
     """A Spark standalone cluster (a master and two workers, one core each, each its own JVM), Beam's
-    Spark job server in front of it, and the Beam worker pool its executors hand Python work to
-    (this virtualenv's python, the MinIO keys in its environment). Yields the augment Beam options."""
-    spark_home = next((ENGINES / "spark" / "lib").glob("python3*/site-packages/pyspark"), None)
-    jar = ENGINES / "beam-spark-jobserver.jar"
-    if spark_home is None or not jar.is_file():
-        pytest.fail(f"no Spark or Beam job server in {ENGINES}: {HINT}")
-    logs = tmp_path_factory.mktemp("spark")
-    java = shutil.which("java")
-    cp = f"{spark_home}/jars/*"
-    master, ui, job, artifact, expansion, pool = (free_port() for _ in range(6))
-    procs = []
-
-    def start(name, args, **kw):
-        procs.append(subprocess.Popen(args, stdout=(logs / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
-                                      env={**os.environ, **spark_env, **kw.pop("env", {})}, **kw))
-
-    # What Spark's launch scripts would set: the worker builds each executor's command from them.
-    spark_env = {"SPARK_HOME": str(spark_home), "SPARK_SCALA_VERSION": "2.12", "SPARK_LOCAL_IP": "127.0.0.1"}
-
-    start("master", [java, "-Xmx256m", "-cp", cp, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                     "--port", str(master), "--webui-port", str(ui)])
-    for i in (1, 2):
-        start(f"worker{i}", [java, "-Xmx256m", "-cp", cp, "org.apache.spark.deploy.worker.Worker", "--host",
-                             "127.0.0.1", "--cores", "1", "--memory", "2g", "--webui-port", str(free_port()),
-                             "--work-dir", str(logs / f"work{i}"), f"spark://127.0.0.1:{master}"])
-    start("jobserver", [java, "-Xmx1g", *JAVA_OPENS, "-Dspark.executor.memory=1g", "-Dspark.executor.cores=1",
-                        f"-Dbeam.stage.exclude.prefixes={spark_home}/jars/", "-Dspark.driver.host=127.0.0.1",
-                        "-Dspark.driver.bindAddress=127.0.0.1", "-cp", f"{cp}:{jar}",
-                        "org.apache.beam.runners.spark.SparkJobServerDriver",
-                        f"--spark-master-url=spark://127.0.0.1:{master}", "--job-host=127.0.0.1",
-                        f"--job-port={job}", f"--artifact-port={artifact}", f"--expansion-port={expansion}",
-                        f"--artifacts-dir={logs / 'artifacts'}"])
-    venv_bin = Path(os.sys.executable).parent
-    start("pool", [os.sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool}"],
-          env={"PATH": f"{venv_bin}:{os.environ['PATH']}"})
+    Spark job server in front of it, and the Beam worker pool its executors hand Python work to. The
+    workers cannot see this test session's folders (the pipeline's data, output and work folders):
+    they run where those are an empty tmpfs; only `shared` (augment.transform_temp: a shared volume
+    on a real cluster) is seen by both sides. Yields the augment Beam options and `shared`."""
     try:
-        alive = lambda: sum(w["state"] == "ALIVE" for w in spark_status(ui)["workers"]) == 2
-        wait_for(alive, "two Spark workers")
-        wait_for(lambda: listening(job) and listening(pool), "Beam's job server and worker pool")
-        yield {"ui": ui, "options": [
-            "--runner=PortableRunner", f"--job_endpoint=localhost:{job}", f"--artifact_endpoint=localhost:{artifact}",
-            "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool}",
-            "--environment_cache_millis=600000"]}  # one Python worker per executor, not one per task
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(60)
-
-
-def spark_status(ui: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/") as r:
-        return json.load(r)
+        with spark_cluster(tmp_path_factory.mktemp("spark"), hide=tmp_path_factory.getbasetemp()) as cluster:
+            yield cluster
+    except (FileNotFoundError, PermissionError) as exc:
+        pytest.fail(str(exc))
 
 
 def test_augment_on_a_spark_cluster_with_data_in_minio_matches_the_local_runner(
@@ -223,9 +172,10 @@ def test_augment_on_a_spark_cluster_with_data_in_minio_matches_the_local_runner(
     out = tmp_path / "out"
     start = time.time()
     augment(data, str(out), **settings("augment", copies=1, staging_uri=f"s3://{BUCKET}/spark-staging",
-                                       beam_options=spark["options"]))
+                                       transform_temp=str(spark["shared"]), beam_options=spark["options"]))
     print(f"augment on Spark: {time.time() - start:.1f} s")
     assert_same_output(out, local_reference)
+    assert list(spark["shared"].iterdir()) == []  # the transform graph came back into the output
     # It ran as applications of the cluster, on both workers' executors: none is left running.
     status = spark_status(spark["ui"])
     assert status["completedapps"] and not status["activeapps"]

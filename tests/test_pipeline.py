@@ -2,7 +2,10 @@
 import json
 import re
 
+import pytest
+
 from conftest import compiled
+from kflift.pipeline.config import ConfigError, load_config
 
 
 def test_compiled_dag_has_every_stage_and_candidate(tmp_path):
@@ -137,6 +140,17 @@ def test_augment_tasks_get_the_object_store_keys_from_a_secret_and_nothing_else_
                                                  "secret-access-key": "AWS_SECRET_ACCESS_KEY"})]
         else:
             assert not env and not secrets, name
+
+
+def test_the_transform_volume_is_mounted_into_each_augment_task_at_transform_temp(tmp_path):
+    _, platform = compiled(tmp_path, "cluster.transform_pvc=kflift-transform",
+                           "augment.transform_temp=/kflift-transform")
+    mounts = {name: [(m["pvcNameParameter"]["runtimeValue"]["constant"], m["mountPath"]) for m in ex.get("pvcMount", [])]
+              for name, ex in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+    assert {n for n, m in mounts.items() if ("kflift-transform", "/kflift-transform") in m} == \
+        {n for n in mounts if "augment" in n} != set()
+    with pytest.raises(ConfigError, match="set augment.transform_temp to the absolute path"):
+        load_config(overrides=["cluster.transform_pvc=kflift-transform"])
 
 
 def test_images_default_to_the_last_builds_content_tags(tmp_path):

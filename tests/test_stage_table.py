@@ -20,7 +20,7 @@ FROM_CONFIG = {
     "evaluate": CFG.evaluate.stage_kwargs(),
 }
 PER_TASK = {
-    "augment": {"include_classes", "exclude_classes"},
+    "augment": {"include_classes", "exclude_classes", "artifact_uri"},  # artifact_uri: its KFP Dataset's
     "build": {"seed", "online_ops"},
     "train": {"patience", "monitor", "name", "augmented", "batch_mixing"},
     "finetune": {"patience", "monitor", "augmented", "batch_mixing"},
