@@ -9,15 +9,20 @@ CRD types as core Pods, are validated as Pods.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from test_k8s import (K8S, K8S_VERSIONS, REPO, WORKLOADS, checkov, containers, load_rendered, one, render, run, selects,
-                      tool)
+from test_k8s import (CONTAINERS, K8S, K8S_VERSIONS, REPO, WORKLOADS, checkov, containers, dockerfile_stages,
+                      load_rendered, one, render, run, selects, tool)
 
 pytestmark = pytest.mark.k8s  # manifest tools (kustomize, kubernetes-validate, checkov): `make test` runs them
 
@@ -28,8 +33,14 @@ OPERATOR_NAMESPACE = "flink-operator"  # where k8s/README.md installs the operat
 SECRET = "kflift-minio"
 # Flink's REST port (rest.port default); flink-session.yaml does not change it.
 FLINK_REST_PORT = 8081
-# Beam's Python SDK container: `boot --worker_pool` serves the worker pool on this port.
+# The worker pool sidecar (apache_beam.runners.worker.worker_pool_main --service_port) serves on this port.
 WORKER_POOL_PORT = 50000
+WORKER_POOL_COMMAND = ["python", "-m", "apache_beam.runners.worker.worker_pool_main",
+                       f"--service_port={WORKER_POOL_PORT}"]
+# tf.Transform's shared folder: the claim and path of config cluster.transform_pvc / augment.transform_temp.
+TRANSFORM_CLAIM = "kflift-transform"
+TRANSFORM_PATH = "/kflift-transform"
+KFP_NAMESPACE = "kubeflow"  # where KFP standalone runs the augment tasks
 
 # The FlinkDeployment fields as flink-kubernetes-operator 1.15.0 declares them: tag release-1.15.0
 # (commit 79d730b), helm/flink-kubernetes-operator/crds/flinkdeployments.flink.apache.org-v1.yml,
@@ -118,6 +129,33 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def mounts(container: dict) -> dict[str, dict]:
+    """A container's mount paths -> their volumeMounts entries."""
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+def cpu_image() -> str:
+    """kflift's CPU stage image as k8s/ names it (what `kflift images build` tags besides the hash)."""
+    try:
+        from kflift.pipeline.images import DEFAULT_NAMES
+        return DEFAULT_NAMES["cpu"]
+    except ImportError:
+        return "kflift-cpu:0.1.0"
+
+
+def cpu_image_runtime() -> dict:
+    """containers/Dockerfile's runtime stage: its USER, ENV and whether it sets an ENTRYPOINT."""
+    _, stages = dockerfile_stages(CONTAINERS / "Dockerfile")
+    final = stages[-1]
+    env = {}
+    for line in final:
+        if line.startswith("ENV "):
+            env |= dict(kv.split("=", 1) for kv in line.split()[1:])
+    user, _, group = [i for i in final if i.startswith("USER ")][-1].split()[1].partition(":")
+    return {"user": int(user), "group": int(group or user), "env": env,
+            "entrypoint": any(i.upper().startswith("ENTRYPOINT") for i in final)}
+
+
 def readme_section() -> str:
     text = (K8S / "README.md").read_text()
     start = text.index("## Beam on Flink")
@@ -134,14 +172,21 @@ def test_targets_render_into_the_beam_namespace(rendered):
         ("NetworkPolicy", "flink-jobmanager-ingress"), ("NetworkPolicy", "flink-taskmanager-ingress"),
         ("PersistentVolumeClaim", "kflift-beam-artifacts"), ("Service", "kflift-beam-jobserver"),
         ("ServiceAccount", "default"), ("ServiceAccount", "kflift-beam-jobserver")]
-    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered["storage/kind"]) == [
-        ("Deployment", "kflift-minio"), ("Job", "kflift-minio-buckets"), ("NetworkPolicy", "minio-ingress"),
-        ("PersistentVolumeClaim", "kflift-minio-data"), ("Service", "kflift-minio"),
-        ("ServiceAccount", "kflift-minio")]
+    assert sorted((d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"))
+                  for d in rendered["storage/kind"]) == [
+        ("Deployment", "kflift-minio", NAMESPACE), ("Job", "kflift-minio-buckets", NAMESPACE),
+        ("NetworkPolicy", "minio-ingress", NAMESPACE),
+        ("PersistentVolume", f"{TRANSFORM_CLAIM}-{NAMESPACE}", None),
+        ("PersistentVolume", f"{TRANSFORM_CLAIM}-{KFP_NAMESPACE}", None),
+        ("PersistentVolumeClaim", "kflift-minio-data", NAMESPACE),
+        ("PersistentVolumeClaim", TRANSFORM_CLAIM, NAMESPACE),
+        ("PersistentVolumeClaim", TRANSFORM_CLAIM, KFP_NAMESPACE),
+        ("Service", "kflift-minio", NAMESPACE), ("ServiceAccount", "kflift-minio", NAMESPACE)]
     for target, docs in rendered.items():
         for d in docs:
             where = f"k8s/{target} {d['kind']}/{d['metadata']['name']}"
-            if d["kind"] != "Namespace":
+            if d["kind"] not in ("Namespace", "PersistentVolume") and \
+                    (d["kind"], d["metadata"]["name"]) != ("PersistentVolumeClaim", TRANSFORM_CLAIM):
                 assert d["metadata"].get("namespace") == NAMESPACE, where
             assert d["metadata"]["labels"].get("app.kubernetes.io/part-of") == "kflift", where
     ns = one(rendered["beam"], "Namespace", NAMESPACE)["metadata"]["labels"]
@@ -212,7 +257,11 @@ def test_images_are_pinned_and_match_the_pipelines_beam(rendered):
         assert name and "/" not in tag and tag not in ("", "latest"), f"image {image} not pinned"
     beam_pin = re.search(r"^apache-beam==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
     python = re.search(r'requires-python = ">=(3\.\d+)', (REPO / "pyproject.toml").read_text()).group(1)
-    assert sidecar(rendered["beam"])["image"] == f"apache/beam_python{python}_sdk:{beam_pin}"
+    # the worker pool runs kflift's CPU stage image: the project's Python (its base) and Beam (its constraints)
+    assert sidecar(rendered["beam"])["image"] == cpu_image()
+    args, stages = dockerfile_stages(CONTAINERS / "Dockerfile")
+    assert re.fullmatch(rf"python:{re.escape(python)}-slim", args["BASE_IMAGE"]), args["BASE_IMAGE"]
+    assert any("--constraint constraints.txt" in i for i in stages[0] if i.startswith("RUN")), "Beam not pinned"
     server = one(rendered["beam"], "Deployment", "kflift-beam-jobserver")["spec"]["template"]["spec"]["containers"][0]
     match = re.fullmatch(rf"apache/beam_flink(\d+\.\d+)_job_server:{re.escape(beam_pin)}", server["image"])
     assert match, f"{server['image']}: not Beam {beam_pin}'s Flink job server"
@@ -394,12 +443,162 @@ def test_the_documented_beam_options_reach_this_cluster(rendered):
     assert portable.artifact_endpoint == f"{address}:{ports['artifact']}"
     assert portable.environment_type == "EXTERNAL"
     pool = sidecar(docs)
-    assert pool["args"] == ["--worker_pool"]
+    assert pool["command"] + pool["args"] == WORKER_POOL_COMMAND
     assert [p["containerPort"] for p in pool["ports"]] == [WORKER_POOL_PORT]
     assert portable.environment_config == f"localhost:{WORKER_POOL_PORT}"
     s3 = parsed.view_as(S3Options)
     assert (s3.s3_access_key_id, s3.s3_secret_access_key, s3.s3_endpoint_url, s3.s3_region_name) == (None,) * 4
     assert not re.search(r"key|secret|password|token", " ".join(options), re.I)
+
+
+def test_the_worker_pool_runs_kflifts_cpu_image_as_its_user(rendered):
+    """The sidecar runs kflift's CPU stage image (everything augment imports) with Beam's worker pool
+    entry point on the port the TaskManager is told, as the image's own user, and the kubelet never
+    pulls the locally loaded image from a registry."""
+    fd = one(rendered["beam"], "FlinkDeployment", FLINK)
+    pool = sidecar(rendered["beam"])
+    assert pool["image"] == cpu_image()
+    assert pool["imagePullPolicy"] == "IfNotPresent", "kind-loaded image: Always would pull from a registry"
+    skips = " ".join(v for k, v in fd["metadata"].get("annotations", {}).items() if k.startswith("checkov.io/skip"))
+    assert "CKV_K8S_15=" in skips and "CKV_K8S_43=" in skips, "the locally loaded image's skips and reasons"
+    assert pool["command"] + pool["args"] == WORKER_POOL_COMMAND
+    ports = {p["name"]: p["containerPort"] for p in pool["ports"]}
+    assert list(ports.values()) == [WORKER_POOL_PORT]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = pool[probe]["tcpSocket"]["port"]
+        assert ports.get(port, port) == WORKER_POOL_PORT, probe
+    image = cpu_image_runtime()
+    # `python` is the image's venv (PATH), and no ENTRYPOINT prefixes the command
+    assert image["env"]["PATH"].split(":")[0] == f"{image['env']['VIRTUAL_ENV']}/bin", image["env"]
+    assert not image["entrypoint"]
+    # the image's user: the one the augment KFP task runs as, so either's files in the shared folder are the other's
+    sc = pool["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"]) == (image["user"], image["group"]) and image["user"] > 0
+    # HOME must be writable under the read-only root (the image's /home/kflift is not)
+    home = env_of(pool)["HOME"]["value"]
+    assert home in mounts(pool) and not mounts(pool)[home].get("readOnly")
+
+
+@pytest.mark.slow
+def test_the_worker_pool_command_serves_its_port(tmp_path):
+    """The sidecar's command, run with the project's Python and Beam (the image's pins): it serves
+    the port it is given (what the TaskManager and the tcpSocket probes dial), and the flag is the
+    one its parser requires."""
+    from apache_beam.runners.worker import worker_pool_main  # noqa: F401  (the module the command names)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable] + WORKER_POOL_COMMAND[1:-1] + [f"--service_port={port}"]
+    assert WORKER_POOL_COMMAND[-1].startswith("--service_port=")
+    log = (tmp_path / "pool.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "pool.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"not listening:\n{(tmp_path / 'pool.log').read_text()}"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    # ... and without the port (a misspelt flag is ignored by its parser) it refuses to start
+    bad = subprocess.run([sys.executable] + WORKER_POOL_COMMAND[1:-1] + [f"--port={port}"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode != 0 and "--service_port" in bad.stderr
+
+
+def test_the_sidecar_image_is_set_by_kustomize_edit_set_image(rendered, tmp_path):
+    """`kustomize edit set image kflift-cpu=NAME:TAG` in an overlay of k8s/beam (what it writes:
+    an `images` entry) reaches the sidecar inside the FlinkDeployment, and only it."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    repo, _, _ = cpu_image().rpartition(":")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "beam", overlay)],  # kustomize refuses an absolute root
+        "images": [{"name": repo, "newName": "registry.example:5000/kflift-cpu", "newTag": "0123abcd"}]}))
+    proc = run([tool("kubectl"), "kustomize", overlay])
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert sidecar(docs)["image"] == "registry.example:5000/kflift-cpu:0123abcd"
+
+    def others(ds):
+        return sorted(c["image"] for _, spec, _ in pod_specs(ds) for c in containers(spec)
+                      if "image" in c and c["name"] != "beam-worker-pool")
+    assert others(docs) == others(rendered["beam"]) and others(docs)
+    fd, before = one(docs, "FlinkDeployment", FLINK), one(rendered["beam"], "FlinkDeployment", FLINK)
+    assert fd["spec"]["image"] == before["spec"]["image"]
+
+
+def test_the_workers_share_the_transform_folder_with_augment(rendered):
+    """The worker pool mounts the claim kflift-transform read-write at /kflift-transform: the claim
+    and path that k8s/README.md's `--set` give the augment KFP task (config checked by kflift)."""
+    from kflift.pipeline.config import load_config
+
+    pool = sidecar(rendered["beam"])
+    tm = flink_pods(rendered["beam"])["taskmanager"]["spec"]
+    mount = mounts(pool)[TRANSFORM_PATH]
+    assert claims(tm)[mount["name"]] == TRANSFORM_CLAIM
+    [volume] = [v for v in tm["volumes"] if v["name"] == mount["name"]]
+    assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly"), "tf.Transform writes"
+    assert "subPath" not in mount and "subPathExpr" not in mount, "the same folder as augment's, not a part"
+    # the kind claim beside the workers is ReadWriteMany
+    pvc = [d for d in rendered["storage/kind"] if d["kind"] == "PersistentVolumeClaim"
+           and d["metadata"]["name"] == TRANSFORM_CLAIM and d["metadata"]["namespace"] == NAMESPACE]
+    assert len(pvc) == 1 and pvc[0]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # the documented pipeline settings name the same claim and path
+    doc = readme_section()
+    sets = re.findall(r"--set ((?:augment\.transform_temp|cluster\.transform_pvc)=\S+)", doc)
+    assert len(sets) == 2 and len({s.split("=")[0] for s in sets}) == 2, sets
+    cfg = load_config(overrides=sets)
+    assert (cfg.augment.transform_temp, cfg.cluster.transform_pvc) == (TRANSFORM_PATH, TRANSFORM_CLAIM)
+
+
+def test_kind_transform_volume_is_one_node_folder_bound_per_namespace(rendered):
+    """k8s/storage/kind: a claim kflift-transform in kflift-beam (the workers) and in kubeflow (the
+    augment tasks), each pre-bound both ways to its own hostPath PV, ReadWriteMany, both PVs on the
+    same node folder; and k8s/README.md makes that folder for the workers' and the tasks' user."""
+    docs = rendered["storage/kind"]
+    pvcs = {d["metadata"]["namespace"]: d for d in docs
+            if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == TRANSFORM_CLAIM}
+    assert sorted(pvcs) == sorted([NAMESPACE, KFP_NAMESPACE])
+    pvs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolume"}
+    assert len(pvs) == 2
+    bound = set()
+    for ns, pvc in pvcs.items():
+        pv = pvs[pvc["spec"]["volumeName"]]
+        bound.add(pv["metadata"]["name"])
+        assert "namespace" not in pv["metadata"], "a PersistentVolume is cluster-scoped"
+        # bound both ways, outside every storage class: no provisioner hands the claim a volume of its own
+        assert pv["spec"]["claimRef"] == {"namespace": ns, "name": TRANSFORM_CLAIM}, ns
+        assert pv["spec"]["storageClassName"] == "" and pvc["spec"]["storageClassName"] == "", ns
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and "ReadWriteMany" in pv["spec"]["accessModes"], ns
+        assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "hostPath volumes are not deletable"
+        request, capacity = pvc["spec"]["resources"]["requests"]["storage"], pv["spec"]["capacity"]["storage"]
+        assert request.endswith("Gi") and capacity.endswith("Gi") and int(request[:-2]) <= int(capacity[:-2]), ns
+    assert bound == set(pvs), "each PV binds one claim"
+    [host] = {json.dumps(pv["spec"]["hostPath"], sort_keys=True) for pv in pvs.values()}
+    host = json.loads(host)
+    assert host["path"].startswith("/") and host["path"] != "/"
+    assert host["type"] in ("Directory", "DirectoryOrCreate")
+    # the node folder: made before the pods mount it, owned by the user the workers and the tasks run as
+    # (the kubelet would make it root:root 0755, and applies no fsGroup to a hostPath volume)
+    pool = sidecar(rendered["beam"])["securityContext"]
+    image = cpu_image_runtime()
+    match = re.search(r"docker exec kflift-control-plane install -d -o (\d+) -g (\d+) -m (0?[0-7]{3}) (\S+)",
+                      readme_section())
+    assert match, "k8s/README.md does not make the transform folder on the kind node"
+    uid, gid, mode, path = int(match[1]), int(match[2]), int(match[3], 8), match[4]
+    assert path == host["path"]
+    assert uid == pool["runAsUser"] == image["user"] and gid == pool["runAsGroup"] == image["group"]
+    assert mode & 0o700 == 0o700, "the owner must read, write and enter it"
 
 
 def test_the_worker_environment_is_what_boto3_reads(rendered):
@@ -492,8 +691,11 @@ def test_readme_apply_order_and_operator_install():
     namespace's default-deny policy (k8s/beam) before MinIO."""
     doc = readme_section()
     steps = ["kubectl apply -f k8s/beam/namespace.yaml", "helm install flink-kubernetes-operator",
-             "create secret generic kflift-minio", "kubectl apply -k k8s/beam", "kubectl apply -k k8s/storage/kind"]
+             "create secret generic kflift-minio", "kubectl kustomize k8s/beam", "docker exec kflift-control-plane",
+             "kubectl apply -k k8s/storage/kind"]
     at = [doc.find(s) for s in steps]
     assert -1 not in at and at == sorted(at), dict(zip(steps, at))
+    # k8s/beam is applied with the CPU image's tag as loaded into kind (the sed replaces the sidecar's image)
+    assert re.search(rf"kubectl kustomize k8s/beam \| sed \"s\|{re.escape(cpu_image())}\|\$\(.*kflift images tags", doc)
     assert f"--namespace {OPERATOR_NAMESPACE}" in doc and "watchNamespaces={" + NAMESPACE + "}" in doc
     assert "flink-kubernetes-operator-1.15.0" in doc, "the operator release whose CRD the test checks"
