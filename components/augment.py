@@ -241,7 +241,7 @@ def augment(
 
 class Places(NamedTuple):
     """Where the Beam workers write (see `_places`)."""
-    sink: str  # records, quarantine and counts
+    sink: str  # records, and the counts and quarantine (.results.jsonl)
     records_stay: bool  # the records stay at `sink` (a KFP artifact's URI): only the small files come back
     transform: str  # tf.Transform's temporary files and the transform graph
 
@@ -330,9 +330,6 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         # reshuffle: the file list is spread over the workers instead of one bundle.
         decoded = (p | "List" >> beam.Create(items)
                    | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
-        _ = (decoded.bad | "QuarantineJson" >> beam.Map(json.dumps, sort_keys=True)
-             | "WriteQuarantine" >> beam.io.WriteToText(
-                 f"{sink}/quarantine", file_name_suffix=".jsonl", shard_name_template=""))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
                   | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
@@ -344,7 +341,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
             lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(f"{places.transform}/transform_fn")
         # The statistics count the pipeline's own outputs, so every runner gives the same numbers
-        # (not all report metrics): a (name, n) tally per event, summed by name into .counts.jsonl.
+        # (not all report metrics): a (name, n) tally per event, summed by name into .results.jsonl.
         tallies = [decoded.bad | "CountQuarantined" >> beam.Map(
                        lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
                    decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1]["converted"])))]
@@ -367,10 +364,14 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
             _ = (transformed | f"Encode-{s}" >> beam.FlatMapTuple(lambda batch, _: _encoder().encode(batch))
                  | f"Write-{s}" >> beam.io.WriteToTFRecord(
                      f"{sink}/{s}/part", file_name_suffix=".tfrecord.gz", num_shards=shards))
-        _ = (tallies | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum)
-             | "CountsJson" >> beam.Map(lambda kv: json.dumps({"name": kv[0], "n": kv[1]}))
-             | "WriteCounts" >> beam.io.WriteToText(f"{sink}/.counts", file_name_suffix=".jsonl",
-                                                    shard_name_template=""))
+        counts_json = (tallies | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum)
+                       | "CountsJson" >> beam.Map(lambda kv: json.dumps({"name": kv[0], "n": kv[1]})))
+        # The quarantine travels in the same file: one file that is never empty (Beam's S3 writer
+        # fails to close an empty file: a multipart upload with no part).
+        quarantine_json = decoded.bad | "QuarantineJson" >> beam.Map(lambda r: json.dumps({"quarantined": r}))
+        _ = ((counts_json, quarantine_json) | "Results" >> beam.Flatten()
+             | "WriteResults" >> beam.io.WriteToText(f"{sink}/.results", file_name_suffix=".jsonl",
+                                                     shard_name_template=""))
         p.run().wait_until_finish()
     if places.transform == str(work):
         shutil.rmtree(work / ".tft-tmp", ignore_errors=True)
@@ -379,8 +380,11 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         tf.io.gfile.rmtree(places.transform)
     if sink != str(work):
         fetch(sink, work, leave=SPLITS if places.records_stay else ())
-    totals = {c["name"]: c["n"] for c in map(json.loads, (work / ".counts.jsonl").read_text().splitlines())}
-    (work / ".counts.jsonl").unlink()
+    results = [json.loads(line) for line in (work / ".results.jsonl").read_text().splitlines()]
+    (work / ".results.jsonl").unlink()
+    totals = {r["name"]: r["n"] for r in results if "name" in r}
+    bad = sorted(json.dumps(r["quarantined"], sort_keys=True) for r in results if "quarantined" in r)
+    (work / "quarantine.jsonl").write_text("".join(line + "\n" for line in bad))
     labels = [v.decode() if isinstance(v, bytes) else v for v in
               tft.TFTransformOutput(str(work / "transform_fn")).vocabulary_by_name("labels")]
     return totals, labels

@@ -1,6 +1,7 @@
 """Where images come from: an image folder (one sub-folder per class), a CSV manifest, the digits demo."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -39,10 +40,22 @@ def read_bytes(path: str | Path) -> bytes:
     HDFS client, credentials from the environment). Raises OSError when it cannot be read."""
     if not is_uri(path):
         return Path(path).read_bytes()
+    if str(path).startswith("s3://"):
+        with _s3io().open(str(path)) as f:
+            return f.read()
     from apache_beam.io.filesystem import CompressionTypes
 
     with filesystems().open(str(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
+
+
+@functools.cache
+def _s3io():
+    """One Beam S3IO (one boto3 client) per process. Beam's S3 filesystem makes a new client for every
+    call, tens of milliseconds each: reading 10,000 small images that way ran at 7 images/s."""
+    from apache_beam.io.aws.s3io import S3IO
+
+    return S3IO(options=filesystems()._pipeline_options)
 
 
 def list_uri_folder(root: str) -> dict[str, list[str]]:

@@ -146,7 +146,7 @@ def test_on_a_cluster_the_records_stay_in_the_kfp_artifact_and_kfp_passes_them_o
                                                      "stats.json", "transform_fn"]
     assert json.loads((pod / "meta.json").read_text())["records_uri"] == f"s3://{BUCKET}/{key}"
     stored = keys_under(minio, key + "/")
-    assert {k[len(key) + 1:].split("/")[0] for k in stored} == {"train", "val", "test"}  # counts: fetched
+    assert {k[len(key) + 1:].split("/")[0] for k in stored} == {"train", "val", "test"}  # the counts and quarantine: fetched
     upload_folder(minio, pod, key)
     downstream = download_prefix(minio, key, tmp_path / "next-task" / "dataset")
     assert_same_output(downstream, local_reference)
