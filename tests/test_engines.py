@@ -104,6 +104,18 @@ def test_augment_reads_and_stages_in_minio_with_the_same_output(minio, images, l
     assert bad["path"] == f"{data}/truck/notes.jpg" and bad["reason"].startswith("not an image")
 
 
+def test_clean_images_stage_in_minio_too(minio, cifar_dir, tmp_path):
+    """Nothing to quarantine: Beam's S3 writer fails to close an empty file (a multipart upload with no
+    part), so the quarantine travels in the results file, which is never empty."""
+    data = upload(minio, copy_subset(cifar_dir, tmp_path / "clean", ["automobile", "truck"], 12), "clean-in")
+    out = tmp_path / "out"
+    augment(data, str(out), **settings("augment", copies=0, staging_uri=f"s3://{BUCKET}/clean-staging"))
+    assert (out / "quarantine.jsonl").read_text() == ""
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["quarantined_total"] == 0 and stats["written"]["total"] == 24
+    assert keys_under(minio, "clean-staging/") == []
+
+
 def upload_folder(client, local: Path, key: str):
     """KFP's launcher after a task (launcher_v2.go L811-836 at 2.17.0): the output artifact's local path
     is uploaded file by file under the artifact's key (objectstore.UploadBlob, object_store.go L111-141);
