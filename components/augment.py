@@ -253,11 +253,12 @@ def _places(work: Path, staging_uri: str, transform_temp: str, artifact_uri: str
     launcher uploads the small files beside them and hands the whole artifact to the next stages).
     tf.Transform's graph goes where TensorFlow can write and every worker can read: `transform_temp`
     (a shared volume's path, or gs://; TensorFlow 2.21 has no s3://)."""
-    if staging_uri == "artifact":
-        places = (store_uri(artifact_uri), True) if artifact_uri else (str(work), False)
-    else:
-        places = (f"{staging_uri.rstrip('/')}/{work.name}", False) if staging_uri else (str(work), False)
-    return Places(*places, f"{transform_temp.rstrip('/')}/{work.name}" if transform_temp else str(work))
+    transform = f"{transform_temp.rstrip('/')}/{work.name}" if transform_temp else str(work)
+    if staging_uri == "artifact" and artifact_uri:
+        return Places(store_uri(artifact_uri), True, transform)
+    if staging_uri and staging_uri != "artifact":
+        return Places(f"{staging_uri.rstrip('/')}/{work.name}", False, transform)
+    return Places(str(work), False, transform)
 
 
 def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_fraction, copies, seed, ops,

@@ -100,6 +100,13 @@ class AugmentConfig(_Section):
                                 "volume) or gs:// (TensorFlow 2.21 writes no s3://). Empty: the stage's own folder "
                                 "(the local runner)")
 
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_in_range(cls, value):
+        if value != "auto" and not 1 <= value <= 64:
+            raise ValueError("from 1 to 64 local workers, or auto")
+        return value
+
     def stage_kwargs(self) -> dict:
         """The augment stage function's arguments (all but data, output and class filters)."""
         return {"image_size": self.image_size, "val_fraction": self.val_fraction,

@@ -28,6 +28,7 @@ def test_other_source_folder_replaces_the_held_out_default(tmp_path):
     ("regularization.dropout=-0.2", "regularization.dropout"),
     ("augment.ops.flip_probability=-0.5", "augment.ops.flip_probability"),
     ("augment.copies=-1", "augment.copies"),
+    ("augment.num_workers=0", "augment.num_workers"),
     ("augment.image_size=0", "augment.image_size"),
     ("transfer.backbone=alexnet", "transfer.backbone"),
     ("model.architecture=alexnet", "model.architecture"),

@@ -116,15 +116,6 @@ def test_clean_images_stage_in_minio_too(minio, cifar_dir, tmp_path):
     assert keys_under(minio, "clean-staging/") == []
 
 
-def upload_folder(client, local: Path, key: str):
-    """KFP's launcher after a task (launcher_v2.go L811-836 at 2.17.0): the output artifact's local path
-    is uploaded file by file under the artifact's key (objectstore.UploadBlob, object_store.go L111-141);
-    what is already under that key stays."""
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            client.upload_file(str(f), BUCKET, f"{key}/{f.relative_to(local)}")
-
-
 def download_prefix(client, key: str, local: Path) -> Path:
     """KFP's launcher before a task: every object under an input artifact's key, to the same relative
     path under its local path (objectstore.DownloadBlob, object_store.go L176-205 at 2.17.0)."""
@@ -159,7 +150,10 @@ def test_on_a_cluster_the_records_stay_in_the_kfp_artifact_and_kfp_passes_them_o
     assert json.loads((pod / "meta.json").read_text())["records_uri"] == f"s3://{BUCKET}/{key}"
     stored = keys_under(minio, key + "/")
     assert {k[len(key) + 1:].split("/")[0] for k in stored} == {"train", "val", "test"}  # the counts and quarantine: fetched
-    upload_folder(minio, pod, key)
+    # KFP's launcher after the task (launcher_v2.go L811-836 at 2.17.0): the artifact's local path is
+    # uploaded file by file under its key (objectstore.UploadBlob, object_store.go L111-141); what is
+    # already under the key stays. `upload` does exactly that.
+    upload(minio, pod, key)
     downstream = download_prefix(minio, key, tmp_path / "next-task" / "dataset")
     assert_same_output(downstream, local_reference)
 
