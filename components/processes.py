@@ -8,7 +8,7 @@ import sys
 
 # glibc gives each allocating thread its own malloc arena (up to 8 per core) and seldom returns
 # their freed pages: with Beam's gRPC threads and TensorFlow's, the augment runner and workers grew
-# with the input. Two arenas took augment's peak RSS from 1.36x to 1.19x at 100k vs 10k images
+# with the input. Two arenas: peak RSS growth from 10k to 100k images 1.29-1.36x -> 1.19-1.26x
 # (bench/augment.py), no slower. glibc reads it at start-up, so it is set for the child (and the
 # Beam workers it starts), not in this process.
 CHILD_ENV = {"MALLOC_ARENA_MAX": "2"}
