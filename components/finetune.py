@@ -7,6 +7,7 @@ weights file.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import keras
 from keras import layers
 
 from . import plots
-from .build import application_backbone, classifier_head
+from .build import APPLICATIONS, application_backbone, classifier_head
 from .sources import DataError
 from .files import load_model, publish_dir, save_model, staging_dir, write_json
 from .records import read_meta, split_size
@@ -33,9 +34,9 @@ def load_backbone(weights: str, backbone: str, image_size: int, pretrained_dir: 
         top = next((layer for layer in model.layers if layer.name in ("flatten", "gap")), None)
         cut = top.input if top is not None else model.get_layer("features").output  # Applications: pooled
         return keras.Model(model.inputs, cut, name="backbone")
-    if backbone == "cnn":
-        raise DataError("finetune: the 'cnn' backbone has no ImageNet weights; "
-                        "use transfer.weights=pipeline or a Keras Applications backbone")
+    if backbone not in APPLICATIONS:  # this pipeline's own nets: pretrained by a run, not downloaded
+        raise DataError(f"finetune: the '{backbone}' backbone has no ImageNet weights; use transfer.weights=pipeline "
+                        f"or a Keras Applications backbone ({', '.join(APPLICATIONS)})")
     try:
         return application_backbone(backbone, image_size, weights=weights, pooling=None)
     except Exception as exc:  # noqa: BLE001 - download errors come in many types
@@ -58,6 +59,15 @@ def unfreeze_top_layers(backbone: keras.Model, n: int | str, train_batchnorm: bo
     return [l.name for l in top if l.trainable]
 
 
+def gradual_steps(top_layers: int, epochs: int, steps: int) -> list[tuple[int, int]]:
+    """Gradual unfreezing (ULMFiT): (top weighted layers unfrozen, epochs) for each step of phase 2.
+    Each step unfreezes a further equal share from the top; the epochs are split as evenly as they
+    go, the later steps, which train the most layers, taking the remainder."""
+    steps = max(1, min(steps, epochs, top_layers))
+    return [(math.ceil(top_layers * (k + 1) / steps), epochs // steps + (k >= steps - epochs % steps))
+            for k in range(steps)]
+
+
 def layer_rates(backbone: keras.Model, decay: float) -> dict[str, float]:
     """Discriminative fine-tuning: the top conv (or dense) layer learns at the full rate, each one
     below it at `decay` times the rate above; a layer without a kernel (BatchNorm) shares the rate
@@ -72,7 +82,8 @@ def layer_rates(backbone: keras.Model, decay: float) -> dict[str, float]:
 
 
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, *, weights: str, backbone: str,
-             frozen_epochs: int, finetune_epochs: int, unfreeze_top: int | str, finetune_lr_factor: float,
+             frozen_epochs: int, finetune_epochs: int, unfreeze_top: int | str, unfreeze_steps: int,
+             finetune_lr_factor: float,
              layer_lr_decay: float, train_batchnorm: bool, head: str, head_units: int, batch_size: int,
              learning_rate: float, optimizer: str, schedule: str, label_smoothing: float,
              weight_decay: float, mixed_precision: str, distribute: str, seed: int, patience: int, monitor: str,
@@ -80,7 +91,8 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
              resume: bool = False) -> StageResult:
     """Transfer: a new head on the backbone, trained frozen (`frozen_epochs`), then the top
     `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`), lower
-    for earlier layers by `layer_lr_decay`, BatchNorm adapting to the target if `train_batchnorm`.
+    for earlier layers by `layer_lr_decay`, BatchNorm adapting to the target if `train_batchnorm`;
+    with `unfreeze_steps` > 1, those layers are unfrozen from the top in that many steps.
     Settings from config (`TransferConfig.stage_kwargs`, `TrainConfig.fit_kwargs`). `head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
     far fewer weights on a large feature map). Each phase checkpoints every epoch to
     `checkpoint_dir` (default: beside the output); `resume` continues from the newest one."""
@@ -109,11 +121,18 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
                          phase="frozen", **fit_args)
     base = _backbone(model)  # fit may return a copy (mixed precision, a distribution strategy)
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
-    unfrozen = unfreeze_top_layers(base, unfreeze_top, train_batchnorm)
-    if finetune_epochs > 0 and unfrozen:
-        model, more = fit(model, dataset_dir, ckpt, epochs=finetune_epochs, learning_rate=learning_rate * finetune_lr_factor,
+    weighted = sum(1 for layer in base.layers if layer.weights)
+    top = weighted if unfreeze_top == "all" else min(unfreeze_top, weighted)
+    unfrozen = []
+    for step, (layers_unfrozen, epochs) in enumerate(gradual_steps(top, finetune_epochs, unfreeze_steps), 1):
+        unfrozen = unfreeze_top_layers(base, layers_unfrozen, train_batchnorm)
+        if not (epochs and unfrozen):
+            break
+        # Each step compiles anew (trainable variables are fixed at compile) and has its own checkpoints.
+        model, more = fit(model, dataset_dir, ckpt, epochs=epochs, learning_rate=learning_rate * finetune_lr_factor,
                           layer_rates=layer_rates(base, layer_lr_decay) if layer_lr_decay < 1 else None,
-                          phase="finetune", **fit_args)
+                          phase="finetune" if unfreeze_steps == 1 else f"finetune{step}", **fit_args)
+        base = _backbone(model)
         history += more
     seconds = time.time() - start
     work = staging_dir(output_dir)
@@ -126,7 +145,7 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     return {
         "params": {"weights": weights, "backbone": backbone, "head": head, "head_units": head_units,
                    "early_stopping_monitor": monitor, "mixed_precision": mixed_precision, "distribute": distribute,
-                   "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs,
+                   "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs, "unfreeze_steps": unfreeze_steps,
                    "unfrozen_layers": unfrozen, "learning_rate": learning_rate, "schedule": schedule,
                    "layer_lr_decay": layer_lr_decay, "train_batchnorm": train_batchnorm,
                    "finetune_learning_rate": learning_rate * finetune_lr_factor, "augmented_data": augmented,

@@ -187,6 +187,9 @@ class TransferConfig(_Section):
     finetune_epochs: int = Field(8, ge=0, description="phase 2: the top layers unfrozen")
     unfreeze_top: int | Literal["all"] = Field(
         3, description="weighted layers of the backbone unfrozen in phase 2, from the top; 'all': every one")
+    unfreeze_steps: int = Field(
+        1, ge=1, le=20, description="phase 2 in this many steps (gradual unfreezing): each unfreezes a further "
+        "share of the unfreeze_top layers from the top and trains its share of finetune_epochs; 1 = all at once")
     finetune_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="phase 2 learning rate / train.learning_rate")
     layer_lr_decay: float = Field(
         1.0, gt=0.0, le=1.0, description="phase 2: each conv layer learns at this times the rate of the one above "
@@ -201,7 +204,7 @@ class TransferConfig(_Section):
     def stage_kwargs(self) -> dict:
         """The finetune stage's arguments from this section (the source and pretraining are the DAG's)."""
         return self.model_dump(include={"weights", "backbone", "frozen_epochs", "finetune_epochs", "unfreeze_top",
-                                        "finetune_lr_factor", "layer_lr_decay", "train_batchnorm", "head",
+                                        "unfreeze_steps", "finetune_lr_factor", "layer_lr_decay", "train_batchnorm", "head",
                                         "head_units"})
 
     @field_validator("unfreeze_top", mode="plain")

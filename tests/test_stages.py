@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -142,6 +143,18 @@ def test_finetune_unfreezes_a_residual_backbone_whole_with_adapting_batchnorm_an
     moving_mean = lambda model: model.get_layer("stage1_bn").moving_mean.numpy()
     assert np.array_equal(moving_mean(tuned[False]), moving_mean(pretrained))
     assert not np.allclose(moving_mean(tuned[True]), moving_mean(pretrained))
+    # Gradual unfreezing: step 1 trains the top half of the base, the stem stays as pretrained; step 2 the rest
+    gradual = finetune.finetune(str(cifar_dataset), str(tmp_path / "gradual"), str(tmp_path / "pretrained"),
+                                **settings("finetune", **whole, train_batchnorm=True, unfreeze_steps=2))
+    assert [next(iter(row)).split("_")[0] for row in gradual["history"]] == ["frozen", "finetune1", "finetune2"]
+    step1 = keras.models.load_model(tmp_path / "gradual.checkpoints" / "finetune1-final.keras",
+                                    compile=False).get_layer("backbone")
+    step2 = load_model(tmp_path / "gradual").get_layer("backbone")
+    stem = lambda model: model.get_layer("stem_conv").get_weights()[0]
+    top_conv = [l.name for l in step1.layers if "conv" in l.name][-1]
+    top = lambda model: model.get_layer(top_conv).get_weights()[0]
+    assert np.array_equal(stem(step1), stem(pretrained)) and not np.allclose(top(step1), top(pretrained))
+    assert not np.allclose(stem(step2), stem(step1))
 
 
 @pytest.mark.slow
@@ -226,6 +239,9 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(cifar_dataset, tmp_p
 
     from kflift.components.sources import DataError
 
+    for own in ("cnn", "resnet"):  # this pipeline's own nets have no ImageNet weights to download
+        with pytest.raises(DataError, match=f"the '{own}' backbone has no ImageNet weights.*mobilenetv2"):
+            finetune.load_backbone("imagenet", own, 32, None)
     try:
         socket.getaddrinfo("storage.googleapis.com", 443)
         pytest.skip("this machine is online: Keras would really download the ImageNet weights")
