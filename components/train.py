@@ -120,21 +120,35 @@ def schedule_callback(schedule: str, learning_rate: float, epochs: int, monitor:
 def accelerators(mixed_precision: str = "auto", distribute: str = "auto"):
     """The tf.distribute strategy and Keras dtype policy for this machine.
 
-    `auto`: mixed float16 when a GPU is present, MirroredStrategy when several are; on a CPU
-    the default strategy and float32. `on`/`mirrored` force them (they work on a CPU too).
+    `auto`: mixed float16 when a GPU is present, MirroredStrategy when several are; on a CPU that
+    computes bfloat16 natively, mixed bfloat16 (oneDNN: twice the float32 speed on 2 cores, bench/
+    train.py), else float32. `on` (float16), `bfloat16` and `mirrored` force them (on a CPU too).
     """
     import tensorflow as tf
 
-    if mixed_precision not in ("auto", "on", "off") or distribute not in ("auto", "none", "mirrored"):
-        raise ValueError(f"mixed_precision must be auto|on|off, distribute auto|none|mirrored "
+    if mixed_precision not in ("auto", "on", "off", "bfloat16") or distribute not in ("auto", "none", "mirrored"):
+        raise ValueError(f"mixed_precision must be auto|on|off|bfloat16, distribute auto|none|mirrored "
                          f"(got {mixed_precision!r}, {distribute!r})")
     gpus = tf.config.list_physical_devices("GPU")
-    mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
     if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     else:
         strategy = tf.distribute.get_strategy()  # the default: this one device
-    return strategy, "mixed_float16" if mixed else "float32"
+    if mixed_precision == "on" or (mixed_precision == "auto" and gpus):
+        return strategy, "mixed_float16"
+    if mixed_precision == "bfloat16" or (mixed_precision == "auto" and cpu_computes_bfloat16()):
+        return strategy, "mixed_bfloat16"
+    return strategy, "float32"
+
+
+def cpu_computes_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """An x86 CPU with bfloat16 instructions (AVX512-BF16 or AMX): elsewhere bfloat16 is emulated,
+    slower than float32. bfloat16 keeps float32's range: no loss scaling."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def with_policy(model: keras.Model, policy: str) -> keras.Model:

@@ -137,8 +137,9 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "cosine", "warmup_cosine", "step", "plateau"] = "constant"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="targets 1-s and s/classes instead of 1 and 0")
     weight_decay: float = Field(0.0, ge=0.0, le=0.1, description="decoupled weight decay of adamw and sgd")
-    mixed_precision: Literal["auto", "on", "off"] = Field(
-        "auto", description="float16 compute with float32 weights: auto = when a GPU is present")
+    mixed_precision: Literal["auto", "on", "off", "bfloat16"] = Field(
+        "auto", description="float16 (on) or bfloat16 compute with float32 weights: auto = float16 when a GPU is "
+        "present, bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16, AMX), else off")
     distribute: Literal["auto", "none", "mirrored"] = Field(
         "auto", description="tf.distribute strategy: auto = MirroredStrategy when several GPUs are present")
     sweep: dict[Literal["learning_rate", "l1", "l2", "dropout"], list[float]] = Field(
