@@ -139,7 +139,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=0.1, description="decoupled weight decay of adamw and sgd")
     mixed_precision: Literal["auto", "on", "off", "bfloat16"] = Field(
         "auto", description="float16 (on) or bfloat16 compute with float32 weights: auto = float16 when a GPU is "
-        "present, bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16, AMX), else off")
+        "present; bfloat16 for a CPU with bfloat16 instructions (AVX512-BF16, AMX)")
     distribute: Literal["auto", "none", "mirrored"] = Field(
         "auto", description="tf.distribute strategy: auto = MirroredStrategy when several GPUs are present")
     sweep: dict[Literal["learning_rate", "l1", "l2", "dropout"], list[float]] = Field(
