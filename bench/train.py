@@ -24,13 +24,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the best counts")
-    parser.add_argument("--config", help="a config file, e.g. configs/resnet.yaml (default: the defaults)")
+    parser.add_argument("--config", help="a config file, e.g. configs/seed-cnn.yaml (default: the defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
     args = parser.parse_args()
 
     from kflift.components import build, train
     from kflift.components.augment import augment
-    from kflift.components.files import load_model
     from kflift.components.records import load_split, read_meta, split_size
     from kflift.pipeline.config import load_config
 
@@ -44,9 +43,16 @@ def main() -> int:
                 seed=cfg.train.seed, online_ops={})
     n = split_size(dataset, "train")
 
+    # The stage's precision (mixed bfloat16 on a CPU with its instructions), set the plain Keras way
+    # for the bare fit: the global policy, then the model.
+    _, policy = train.accelerators(cfg.train.mixed_precision, "none")
+
     def bare_fit() -> float:
         """The same model and tf.data pipeline, plain compile + fit, nothing else."""
-        model = load_model(work / "untrained")
+        with train.global_policy(policy):
+            model = build.build_model(read_meta(dataset)["image_size"], read_meta(dataset)["num_classes"],
+                                      **cfg.model.stage_kwargs(), dropout=0.0, l1=0.0, l2=0.0, seed=cfg.train.seed,
+                                      online_ops={})
         train.compile_model(model, read_meta(dataset)["num_classes"], learning_rate=cfg.train.learning_rate,
                             optimizer=cfg.train.optimizer, label_smoothing=cfg.train.label_smoothing,
                             weight_decay=cfg.train.weight_decay)
@@ -74,7 +80,7 @@ def main() -> int:
     print("runs (images/s): bare " + ", ".join(f"{b:.0f}" for b in bares) +
           "; stage " + ", ".join(f"{s:.0f}" for s in stages))
 
-    print(f"training images: {n}, epochs: {args.epochs}, batch size: {args.batch_size}")
+    print(f"training images: {n}, epochs: {args.epochs}, batch size: {args.batch_size}, precision: {policy}")
     print(f"bare model.fit:  {bare:8.0f} images/s")
     print(f"train stage:     {stage:8.0f} images/s  (load, checkpoints, CSV log, curve, atomic save)")
     print(f"ratio stage/bare: {stage / bare:.3f}  (goal >= 0.95)")

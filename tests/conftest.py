@@ -15,12 +15,14 @@ CIFAR = SHARED / "datasets" / "cifar10-vehicles"
 
 
 def settings(stage: str, **overrides) -> dict:
-    """A stage function's keyword arguments from config's defaults, as pipeline.py composes them for
-    the baseline candidate (no regularization, no early stopping), with `overrides` on top."""
-    from kflift.pipeline.config import Config
+    """A stage function's keyword arguments, as pipeline.py composes them for the baseline candidate
+    (no regularization, no early stopping), with `overrides` on top. From configs/seed-cnn.yaml: the
+    stage tests look at the seed CNN's named layers and train quickly (the end-to-end runs use the
+    defaults, the residual net)."""
+    from kflift.pipeline.config import load_config
     from kflift.pipeline.pipeline import UNREGULARIZED
 
-    cfg = Config()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "seed-cnn.yaml")
     fit = {**cfg.train.fit_kwargs(), "monitor": cfg.regularization.monitor, "augmented": True,
            "batch_mixing": cfg.augment.ops.batch_mixing()}
     return {**{

@@ -82,9 +82,13 @@ def test_own_data_in_a_config_file_drops_the_digits_source(tmp_path):
     assert load_config(path).transfer.weights == "none"
 
 
-def test_the_resnet_recipe_loads_and_keeps_the_other_defaults():
-    cfg = load_config(REPO / "configs" / "resnet.yaml")
+def test_the_defaults_are_the_residual_recipe_and_the_seed_cnn_config_brings_the_old_ones_back():
+    cfg = Config()
     assert (cfg.model.architecture, cfg.transfer.backbone, cfg.train.schedule) == ("resnet", "resnet", "warmup_cosine")
     assert cfg.augment.ops.cutout_probability == 0.5 and cfg.evaluate.tta
     assert (cfg.transfer.unfreeze_top, cfg.transfer.train_batchnorm) == ("all", True)
-    assert cfg.augment.ops.flip_probability == Config().augment.ops.flip_probability  # merged key by key
+    seed = load_config(REPO / "configs" / "seed-cnn.yaml")
+    assert (seed.model.architecture, seed.model.depth, seed.transfer.backbone) == ("cnn", 2, "cnn")
+    assert (seed.train.optimizer, seed.train.schedule, seed.evaluate.tta) == ("adam", "constant", False)
+    assert (seed.transfer.unfreeze_top, seed.transfer.head) == (3, "flatten")
+    assert seed.augment.ops.flip_probability == cfg.augment.ops.flip_probability  # merged key by key
