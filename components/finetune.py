@@ -123,7 +123,6 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     frozen_changed = any((a != w.numpy()).any() for a, w in zip(frozen_before, base.weights))
     weighted = sum(1 for layer in base.layers if layer.weights)
     top = weighted if unfreeze_top == "all" else min(unfreeze_top, weighted)
-    unfrozen = []
     for step, (layers_unfrozen, epochs) in enumerate(gradual_steps(top, finetune_epochs, unfreeze_steps), 1):
         unfrozen = unfreeze_top_layers(base, layers_unfrozen, train_batchnorm)
         if not (epochs and unfrozen):
