@@ -97,7 +97,10 @@ def residual_features(x, *, width: float, depth: int, reg):
     added back); filters 32·2^stage·width; global average pooling (`gap`) to the features."""
     def conv_bn_relu(x, filters: int, name: str):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"{name}_conv")(x)
-        return layers.ReLU(name=f"{name}_relu")(layers.BatchNormalization(name=f"{name}_bn")(x))
+        # Momentum 0.9 (PyTorch's 0.1, as in the speed records): with Keras' 0.99 the moving statistics
+        # of a small dataset's few hundred steps stay near their start, and inference falls to chance.
+        bn = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")
+        return layers.ReLU(name=f"{name}_relu")(bn(x))
 
     x = conv_bn_relu(x, max(8, round(32 * width)), "stem")
     for i in range(1, depth + 1):
