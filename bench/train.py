@@ -43,17 +43,17 @@ def main() -> int:
                 seed=cfg.train.seed, online_ops={})
     n = split_size(dataset, "train")
 
-    # The stage's precision (mixed bfloat16 on a CPU with its instructions), set the plain Keras way
-    # for the bare fit: the global policy, then the model.
+    # The stage's precision (train.mixed_precision), set the plain Keras way for the bare fit: the
+    # global policy, then the model.
     _, policy = train.accelerators(cfg.train.mixed_precision, "none")
+    meta = read_meta(dataset)
 
     def bare_fit() -> float:
         """The same model and tf.data pipeline, plain compile + fit, nothing else."""
         with train.global_policy(policy):
-            model = build.build_model(read_meta(dataset)["image_size"], read_meta(dataset)["num_classes"],
-                                      **cfg.model.stage_kwargs(), dropout=0.0, l1=0.0, l2=0.0, seed=cfg.train.seed,
-                                      online_ops={})
-        train.compile_model(model, read_meta(dataset)["num_classes"], learning_rate=cfg.train.learning_rate,
+            model = build.build_model(meta["image_size"], meta["num_classes"], **cfg.model.stage_kwargs(),
+                                      dropout=0.0, l1=0.0, l2=0.0, seed=cfg.train.seed, online_ops={})
+        train.compile_model(model, meta["num_classes"], learning_rate=cfg.train.learning_rate,
                             optimizer=cfg.train.optimizer, label_smoothing=cfg.train.label_smoothing,
                             weight_decay=cfg.train.weight_decay)
         data = load_split(dataset, "train", args.batch_size, shuffle=True)
