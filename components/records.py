@@ -54,9 +54,16 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
     ds = ds.map(lambda image, label, key: (image, label)).cache()
     if shuffle:
         one = ds
-        return tf.data.Dataset.range(*epochs).flat_map(
-            lambda e: one.shuffle(20_000, seed=seed * 100_003 + e).batch(batch_size)).prefetch(tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.range(*epochs).flat_map(
+            lambda e: one.shuffle(20_000, seed=seed * 100_003 + e).batch(batch_size))
+    else:
+        ds = ds.batch(batch_size)
+    # No autotuning: deleting an autotuned iterator (Keras drops the validation one each epoch, the
+    # training one after fit) waited up to ~20 s for the tuner's thread on 2 cores; the data is cached
+    # in memory after the first pass, so the tuner buys nothing (bench/train.py measures it).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def split_size(dataset_dir: str | Path, split: str, augmented: bool = True) -> int:

@@ -129,6 +129,19 @@ def test_l1_and_l2_add_weight_penalties(cifar_dataset, tmp_path):
     assert np.isclose(float(sum(model.losses)), expected, rtol=1e-4)
 
 
+def test_every_split_pipeline_reads_without_the_autotuner(cifar_dataset):
+    """Keras drops the validation iterator each epoch; an autotuned one made each drop wait for the
+    tuner's thread (about 10 s an epoch on 2 cores, bench/train.py). The data is the same either way."""
+    from kflift.components.records import load_split
+
+    train_ds = load_split(cifar_dataset, "train", 16, shuffle=True, seed=3, epochs=(0, 2))
+    val_ds = load_split(cifar_dataset, "val", 16)
+    for ds in (train_ds, val_ds, train.one_hot(val_ds, 2)):  # the options carry through later maps
+        assert ds.options().autotune.enabled is False
+    assert sum(len(y) for _, y in train_ds) == 2 * split_size(cifar_dataset, "train")
+    assert sum(len(y) for _, y in val_ds) == split_size(cifar_dataset, "val")
+
+
 def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tmp_path, monkeypatch):
     import tensorflow as tf
 
