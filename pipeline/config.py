@@ -181,12 +181,12 @@ class TransferConfig(_Section):
         "pipeline", description="'pipeline' (pretrained by this run), 'imagenet', a weights file, or 'none' "
         "(no transfer candidate: the default for your own --data until you name a source)")
     backbone: Architecture = "resnet"
-    pretrain_epochs: int = Field(6, ge=1)
+    pretrain_epochs: int = Field(5, ge=1)
     pretrain_depth: int = Field(
         3, ge=1, le=6, description="stages (resnet) or conv blocks (cnn) of the backbone this run pretrains "
         "(the rest of model.* applies too)")
     frozen_epochs: int = Field(2, ge=1, description="phase 1: the new head on the frozen backbone")
-    finetune_epochs: int = Field(8, ge=0, description="phase 2: the top layers unfrozen")
+    finetune_epochs: int = Field(7, ge=0, description="phase 2: the top layers unfrozen")
     unfreeze_top: int | Literal["all"] = Field(
         "all", description="weighted layers of the backbone unfrozen in phase 2, from the top; 'all': every one "
         "(a residual backbone needs all, BatchNorm adapting: the top 3 alone lost 12-16 points)")
