@@ -59,8 +59,9 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
     else:
         ds = ds.batch(batch_size)
     # No autotuning: deleting an autotuned iterator (Keras drops the validation one each epoch, the
-    # training one after fit) waited up to ~20 s for the tuner's thread on 2 cores; the data is cached
-    # in memory after the first pass, so the tuner buys nothing (bench/train.py measures it).
+    # training one after fit) waited for the tuner's thread, about 10 s at the end of most epochs on
+    # 2 cores (found with py-spy); the data is cached in memory after the first pass, so the tuner
+    # buys nothing.
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

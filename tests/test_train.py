@@ -131,7 +131,7 @@ def test_l1_and_l2_add_weight_penalties(cifar_dataset, tmp_path):
 
 def test_every_split_pipeline_reads_without_the_autotuner(cifar_dataset):
     """Keras drops the validation iterator each epoch; an autotuned one made each drop wait for the
-    tuner's thread (about 10 s an epoch on 2 cores, bench/train.py). The data is the same either way."""
+    tuner's thread (about 10 s at the end of most epochs on 2 cores). The data is the same either way."""
     from kflift.components.records import load_split
 
     train_ds = load_split(cifar_dataset, "train", 16, shuffle=True, seed=3, epochs=(0, 2))
