@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,8 +23,6 @@ def write_json(path: str | Path, obj) -> None:
 
 def publish_dir(work: Path, output: Path) -> None:
     """Move a finished folder into place in one rename: no half output is ever visible."""
-    import shutil
-
     output = Path(output)
     if output.is_dir():
         shutil.rmtree(output)
@@ -75,6 +74,19 @@ def save_atomically(model, path: Path) -> Path:
     """Save a Keras model to a temporary name, then rename: a kill mid-save leaves no half file."""
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.keras")
     model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def link_atomically(source: Path, path: Path) -> Path:
+    """`path` as a second name of the finished file `source` (a hard link, or a copy where the
+    filesystem has none), appearing whole: a model already on disk is not serialized again."""
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, path)
     return path
 

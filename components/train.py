@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from . import plots
 from .progress import progress
-from .files import load_model, publish_dir, save_atomically, save_model, staging_dir, write_json
+from .files import (MODEL_FILE, link_atomically, load_model, publish_dir, save_atomically, save_model,
+                    staging_dir, write_json)
 from .records import load_split, read_meta, split_size
 from .stages import StageResult
 
@@ -135,11 +136,14 @@ def accelerators(mixed_precision: str = "auto", distribute: str = "auto"):
         strategy = tf.distribute.MirroredStrategy()
     else:
         strategy = tf.distribute.get_strategy()  # the default: this one device
-    if mixed_precision == "on" or (mixed_precision == "auto" and gpus):
-        return strategy, "mixed_float16"
-    if mixed_precision == "bfloat16":
-        return strategy, "mixed_bfloat16"
-    return strategy, "float32"
+    return strategy, precision_policy(mixed_precision)
+
+
+def precision_policy(mixed_precision: str) -> str:
+    """The Keras dtype policy `accelerators` picks for this machine."""
+    if mixed_precision == "on" or (mixed_precision == "auto" and tf.config.list_physical_devices("GPU")):
+        return "mixed_float16"
+    return "mixed_bfloat16" if mixed_precision == "bfloat16" else "float32"
 
 
 def with_policy(model: keras.Model, policy: str) -> keras.Model:
@@ -166,6 +170,11 @@ def global_policy(policy: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def phase_result(checkpoint_dir: Path, phase: str = "") -> Path:
+    """A fit phase's result (best weights restored): once it exists, the phase is done."""
+    return checkpoint_dir / f"{phase or 'epoch'}-final.keras"
 
 
 def last_checkpoint(checkpoint_dir: Path, phase: str = "epoch") -> tuple[Path | None, int]:
@@ -238,7 +247,7 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
     tag = phase or "epoch"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     log_path = checkpoint_dir / f"{tag}-history.csv"
-    final = checkpoint_dir / f"{tag}-final.keras"  # the phase's result (best weights restored): it is done
+    final = phase_result(checkpoint_dir, phase)
     checkpoint, done = last_checkpoint(checkpoint_dir, tag) if resume else (None, 0)
     if resume and final.exists():
         checkpoint, done = final, epochs
@@ -287,13 +296,21 @@ def fit(model: keras.Model, dataset_dir: str, checkpoint_dir: Path, *, epochs: i
         stopping.set_model(model)
         stopping.on_train_begin()
         stopping.on_train_end()  # the best epoch's weights
-    if checkpoint != final:
-        save_atomically(model, final)
+    if checkpoint != final:  # the epoch checkpoint that holds these weights, by a second name
+        link_atomically(_holding_checkpoint(checkpoint_dir, tag, stopping), final)
     # The CSV log holds every epoch, those before a crash included.
     prefix = f"{phase}_" if phase else ""
     if model.dtype_policy.name != "float32":  # later stages (evaluate, serving) run on CPUs
         model = with_policy(model, "float32")
     return model, [{prefix + k: v for k, v in row.items()} for row in _read_log(log_path)]
+
+
+def _holding_checkpoint(checkpoint_dir: Path, phase: str, stopping) -> Path:
+    """The epoch checkpoint whose weights the model ends a fit with: the best epoch's where early
+    stopping restored them, else the newest."""
+    if stopping is not None and stopping.best_weights is not None:
+        return checkpoint_dir / f"{phase}-{stopping.best_epoch + 1:03d}.keras"
+    return last_checkpoint(checkpoint_dir, phase)[0]
 
 
 def _read_log(log_path: Path) -> list[dict]:
@@ -352,7 +369,10 @@ def train(dataset_dir: str, model_dir: str, output_dir: str, *, epochs: int, bat
                          mixed_precision=mixed_precision, distribute=distribute)
     seconds = time.time() - start
     work = staging_dir(output_dir)
-    save_model(model, work)
+    if precision_policy(mixed_precision) == "float32":  # the phase's result on disk is this very model
+        link_atomically(phase_result(ckpt), work / MODEL_FILE)
+    else:  # trained in mixed precision: hand on the float32 copy fit made
+        save_model(model, work)
     curve = plots.learning_curve(history, work / "learning_curve.png", f"{name}: learning curve")
     write_json(work / "history.json", history)
     params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,

@@ -6,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, finished_stage_runs, kflift
+from kflift.pipeline.config import Config
 
 pytestmark = pytest.mark.slow  # whole pipeline runs
 
@@ -54,7 +55,8 @@ def test_whole_pipeline_runs_and_is_tracked(dataset, request, tmp_path):
     assert "transform_fn" in artifacts("augment") and "stats.json" in artifacts("augment")
     assert {"model/model.keras", "plots/learning_curve.png"} <= artifacts("train-regularized", "model") | \
         artifacts("train-regularized", "plots")
-    assert by_stage["train-regularized"].data.params["early_stopping_patience"] == "3"
+    patience = by_stage["train-regularized"].data.params["early_stopping_patience"]
+    assert patience == str(Config().regularization.patience)
     history = client.get_metric_history(by_stage["train-baseline"].info.run_id, "accuracy")
     assert [m.step for m in history] == [0, 1]
     assert "frozen_weights_changed_in_phase1" in by_stage["finetune"].data.metrics

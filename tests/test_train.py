@@ -35,6 +35,11 @@ def test_early_stopping_on_val_accuracy_restores_the_most_accurate_epoch(cifar_d
     assert 3 <= len(history) < 30
     assert result["params"]["early_stopping_monitor"] == "val_accuracy"
     assert result["metrics"]["best_val_accuracy"] == max(e["val_accuracy"] for e in history)
+    # the result is the best epoch's checkpoint by two more names: linked, not serialized again
+    best_epoch = 1 + max(range(len(history)), key=lambda i: history[i]["val_accuracy"])
+    best = tmp_path / "m.checkpoints" / f"epoch-{best_epoch:03d}.keras"
+    assert (tmp_path / "m.checkpoints" / "epoch-final.keras").samefile(best)
+    assert (tmp_path / "m" / "model.keras").samefile(best)
 
     # killed one epoch before it stopped: the resumed run's early stopping remembers the best epoch and
     # how long it has waited, so it stops at the same epoch and restores the same weights
