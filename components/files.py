@@ -72,7 +72,7 @@ def save_model(model, model_dir: str | Path) -> Path:
 
 def save_atomically(model, path: Path) -> Path:
     """Save a Keras model to a temporary name, then rename: a kill mid-save leaves no half file."""
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.keras")
+    tmp = _partial_file(path)
     model.save(tmp)
     os.replace(tmp, path)
     return path
@@ -81,7 +81,7 @@ def save_atomically(model, path: Path) -> Path:
 def link_atomically(source: Path, path: Path) -> Path:
     """`path` as a second name of the finished file `source` (a hard link, or a copy where the
     filesystem has none), appearing whole: a model already on disk is not serialized again."""
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    tmp = _partial_file(path)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
@@ -89,6 +89,11 @@ def link_atomically(source: Path, path: Path) -> Path:
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _partial_file(path: Path) -> Path:
+    """A hidden sibling of `path`, this process's own, to write before one rename into place."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
 def load_model(model_dir: str | Path):
