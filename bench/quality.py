@@ -6,7 +6,9 @@ Trains on ../shared/datasets/cifar10-vehicles-train (automobile vs truck, 10,000
 and ship as the transfer source), then scores the champion's serving model with `kflift predict` on
 the 2,000 photos of ../shared/datasets/cifar10-vehicles (the CIFAR-10 test split). Prints, per seed,
 the held-out accuracy and the wall time, then each candidate's accuracy on the run's own test
-split (its lift over the baseline with the 95% interval), and the mean and spread over the seeds.
+split (its lift over the baseline with the 95% interval), and the mean and spread over the seeds:
+over several seeds, each candidate's mean lift with one interval for all of them (the photos
+resampled once for every seed), and with --ablation `all` against the best single lever.
 Settings are chosen on validation; the held-out photos are only ever scored, once per setting.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TRAIN, HELD_OUT = SHARED / "cifar10-vehicles-train", SHARED / "cifar10-vehicles"
@@ -53,7 +57,24 @@ def run_once(seed: int, ablation: bool, extra: list[str], output: Path) -> dict:
     return {"seed": seed, "wall_seconds": wall, "winner": summary["winner"],
             "held_out": held_out_accuracy(summary["serving"]),
             "test_split": {n: s["accuracy"] for n, s in report["candidates"].items()},
-            "lift_interval_95": report["lift_interval_95"]}
+            "lift_interval_95": report["lift_interval_95"], "test_predictions": report["test_predictions"]}
+
+
+def hits_by_key(run: dict, name: str) -> dict[str, bool]:
+    """Whether a candidate of one run got each test image right, by the image's content key."""
+    per_image = run["test_predictions"]
+    return {k: p == y for k, p, y in zip(per_image["keys"], per_image["predicted"][name], per_image["labels"])}
+
+
+def mean_difference(runs: list[dict], name: str, reference: str, resamples: int = 2000) -> tuple[float, float, float]:
+    """Accuracy of `name` minus `reference`, averaged over the runs (seeds), with its 95% paired
+    bootstrap interval: every run scores the same test photos (the split follows the content hash),
+    so one resample of the photos is applied to all runs at once."""
+    keys = sorted(hits_by_key(runs[0], reference))
+    diff = np.mean([[hits_by_key(r, name)[k] - hits_by_key(r, reference)[k] for k in keys] for r in runs], axis=0)
+    rng = np.random.default_rng(0)
+    boots = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return float(diff.mean()), *(float(v) for v in np.percentile(boots, [2.5, 97.5]))
 
 
 def main() -> int:
@@ -74,6 +95,19 @@ def main() -> int:
             lo_hi = r["lift_interval_95"].get(name)
             lift = f"  lift {lo_hi[0] * 100:+.1f} .. {lo_hi[1] * 100:+.1f} pts" if lo_hi else ""
             print(f"    {name:<16} test split {acc:.4f}{lift}", flush=True)
+    if len(results) > 1:  # the levers over all seeds at once: a tighter interval than any one run's
+        names = list(results[0]["test_split"])
+        print(f"mean over the {len(results)} seeds, test split (lift: 95% interval, the photos resampled):")
+        for name in names:
+            acc = statistics.mean(r["test_split"][name] for r in results)
+            lift = "" if name == "baseline" else "  lift {:+.1f} [{:+.1f}, {:+.1f}] pts".format(
+                *(100 * v for v in mean_difference(results, name, "baseline")))
+            print(f"    {name:<16} {acc:.4f}{lift}", flush=True)
+        levers = [n for n in ("augmentation", "regularization", "transfer") if n in names]
+        if "all" in names and levers:
+            best = max(levers, key=lambda n: statistics.mean(r["test_split"][n] for r in results))
+            print("    all - {} (the best single lever): {:+.1f} [{:+.1f}, {:+.1f}] pts".format(
+                best, *(100 * v for v in mean_difference(results, "all", best))), flush=True)
     held = [r["held_out"] for r in results]
     walls = [r["wall_seconds"] for r in results]
     spread = f" ± {statistics.stdev(held):.4f}" if len(held) > 1 else ""

@@ -102,7 +102,10 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, m
     report = {"candidates": scores, "per_class": per_class, "gate": gate, "winner": winner, "metric": metric,
               "labels": labels, "lift_interval_95": intervals,
               "confusion_matrices": {n: m.tolist() for n, m in matrices.items()},
-              "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1)))}
+              "test_images": int(sum(matrices[next(iter(matrices))].sum(axis=1))),
+              # Per image, by content key: runs (other seeds) can be compared image by image.
+              "test_predictions": {"keys": split_keys(dataset_dir, "test"), "labels": y.tolist(),
+                                   "predicted": {n: p.tolist() for n, p in preds.items()}}}
     write_json(work / "report.json", report)
     publish_dir(work, Path(output_dir))
     out = Path(output_dir)
@@ -116,6 +119,16 @@ def evaluate(dataset_dir: str, candidates: dict[str, str], output_dir: str, *, m
                      "candidate": winner} if winner and export else None,
         "report": report,
     }
+
+
+def split_keys(dataset_dir: str, split: str) -> list[str]:
+    """The records' keys (content hash, -augN for copies) in the order `load_split` reads them."""
+    import tensorflow as tf
+
+    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("*.tfrecord.gz"))
+    key = {"key": tf.io.FixedLenFeature([], tf.string)}
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").map(lambda r: tf.io.parse_single_example(r, key))
+    return [k["key"].decode() for k in ds.as_numpy_iterator()]
 
 
 def error_gallery(dataset_dir: str, pred: np.ndarray, probs: np.ndarray, labels: list[str], path: Path,

@@ -171,6 +171,12 @@ def test_evaluate_compares_candidates_and_gates(cifar_dataset, tmp_path):
         assert set(scores) == {"accuracy", "precision", "recall", "f1", "roc_auc"}
         assert 0.0 <= scores["accuracy"] <= 1.0
     assert report["winner"] in candidates
+    # Per-image predictions, keyed by content: each candidate's accuracy is recomputed from them
+    per_image = report["test_predictions"]
+    assert len(per_image["keys"]) == len(set(per_image["keys"])) == len(per_image["labels"]) == report["test_images"]
+    for name, scores in report["candidates"].items():
+        hits = np.equal(per_image["predicted"][name], per_image["labels"])
+        assert hits.mean() == pytest.approx(scores["accuracy"])
     best = max(report["candidates"], key=lambda n: report["candidates"][n]["accuracy"])
     assert report["winner"] == best or not report["gate"][best]["passed"]
     assert (tmp_path / "eval" / "confusion_better.png").exists()
