@@ -23,7 +23,7 @@ from .sources import DataError, filesystems, list_images, read_bytes, store_uri
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
 from .processes import in_child_process, usable_cpus
-from .stages import StageResult
+from .results import StageResult
 from .progress import progress
 
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,

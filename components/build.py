@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 from keras import layers, regularizers
 
-from .stages import StageResult
+from .results import StageResult
 
 APPLICATIONS = {
     "mobilenetv2": "MobileNetV2",

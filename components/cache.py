@@ -86,14 +86,20 @@ def code_version(module: str) -> str:
     from importlib.metadata import version
 
     h = hashlib.sha256(version("kflift").encode())
-    seen, todo = set(), [module]
+    for name, source in code_modules(module).items():
+        h.update(name.encode() + b"\0" + source)
+    return h.hexdigest()
+
+
+def code_modules(module: str) -> dict[str, bytes]:
+    """`module` and every kflift component module it imports, at any depth (lazy imports in a
+    function too), with their source, in the order found."""
+    found, todo = {}, [module]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in found:
             continue
-        seen.add(name)
-        source = Path(importlib.util.find_spec(name).origin).read_bytes()
-        h.update(name.encode() + b"\0" + source)
+        source = found[name] = Path(importlib.util.find_spec(name).origin).read_bytes()
         for node in ast.walk(ast.parse(source)):  # found without importing (no TensorFlow on a hit)
             if not isinstance(node, ast.ImportFrom):
                 continue
@@ -103,7 +109,7 @@ def code_version(module: str) -> str:
                 todo += [f"{PACKAGE}.{a.name}" for a in node.names]
             elif module.startswith(PACKAGE + "."):
                 todo.append(module)
-    return h.hexdigest()
+    return found
 
 
 def content_fingerprint(path: str | Path) -> str:

@@ -11,7 +11,7 @@ from . import plots
 from .files import load_model, publish_dir, staging_dir, write_json
 from .records import load_split, read_meta
 from .serve import export_serving, save_mlflow_model
-from .stages import StageResult
+from .results import StageResult
 
 
 def predict(model_dir: str, dataset_dir: str, split: str = "test", batch_size: int = 256, tta: bool = False):

@@ -19,7 +19,7 @@ from .build import APPLICATIONS, application_backbone, classifier_head
 from .sources import DataError
 from .files import load_model, publish_dir, save_model, staging_dir, write_json
 from .records import read_meta, split_size
-from .stages import StageResult
+from .results import StageResult
 from .train import fit
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import cache, progress, tracking
-from .stages import Stage, StageResult
+from .results import StageResult
+from .stages import Stage
 
 
 @dataclass(frozen=True)

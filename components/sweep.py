@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from .files import publish_dir, staging_dir
-from .stages import StageResult
+from .results import StageResult
 
 SWEEPABLE = ("learning_rate", "l1", "l2", "dropout")
 

@@ -1,6 +1,6 @@
 """MLflow layout: one parent run per pipeline run, one nested run per stage or candidate.
 
-This is the only module that talks to MLflow. A stage returns a `stages.StageResult` and the
+This is the only module that talks to MLflow. A stage returns a `results.StageResult` and the
 runner (runner.py) logs it through `stage_run`.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from .progress import progress
 from .files import (MODEL_FILE, link_atomically, load_model, publish_dir, save_atomically, save_model,
                     staging_dir, write_json)
 from .records import load_split, read_meta, split_size
-from .stages import StageResult
+from .results import StageResult
 
 
 # Weight decay is decoupled (Keras applies it to the weights, apart from the gradient): adamw and sgd

@@ -164,6 +164,21 @@ def test_a_code_change_gives_a_new_key(stage_package, tmp_path, monkeypatch):
     assert key() not in seen
 
 
+def test_each_real_stage_fingerprints_its_own_code_not_every_stages():
+    """The stage table imports every stage; a stage module that imported it for its result type
+    took every stage's code into its key, so an edit to evaluate.py reran augment (found when a
+    benchmark's cache missed). The real modules, read as the cache reads them."""
+    def code(stage: str) -> set[str]:
+        return {m.rsplit(".", 1)[1] for m in cache.code_modules(f"kflift.components.{stage}")}
+
+    for stage, others in {"augment": {"train", "finetune", "evaluate"}, "train": {"augment", "finetune", "evaluate"},
+                          "finetune": {"augment", "evaluate"}, "evaluate": {"train", "finetune"}}.items():
+        assert "results" in code(stage) and "stages" not in code(stage), stage
+        assert not code(stage) & others, stage
+    assert "train" in code("finetune")  # finetune trains through train.fit
+    assert "augment" in code("evaluate")  # the serving model decodes images as augment does
+
+
 CACHE_MODES = ("use", "refresh", "")
 
 
