@@ -84,7 +84,8 @@ def layer_rates(backbone: keras.Model, decay: float) -> dict[str, float]:
 def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = None, *, weights: str, backbone: str,
              frozen_epochs: int, finetune_epochs: int, unfreeze_top: int | str, unfreeze_steps: int,
              finetune_lr_factor: float,
-             layer_lr_decay: float, train_batchnorm: bool, head: str, head_units: int, batch_size: int,
+             layer_lr_decay: float, train_batchnorm: bool, head: str, head_units: int, head_dropout: float,
+             batch_size: int,
              learning_rate: float, optimizer: str, schedule: str, label_smoothing: float,
              weight_decay: float, mixed_precision: str, distribute: str, seed: int, patience: int, monitor: str,
              augmented: bool, batch_mixing: dict, checkpoint_dir: str | None = None,
@@ -93,9 +94,11 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     `unfreeze_top` layers too at `learning_rate * finetune_lr_factor` (`finetune_epochs`), lower
     for earlier layers by `layer_lr_decay`, BatchNorm adapting to the target if `train_batchnorm`;
     with `unfreeze_steps` > 1, those layers are unfrozen from the top in that many steps.
-    Settings from config (`TransferConfig.stage_kwargs`, `TrainConfig.fit_kwargs`). `head`: "flatten" (the seed's Flatten-Dense-Dropout head) or "pool" (global average pooling,
-    far fewer weights on a large feature map). Each phase checkpoints every epoch to
-    `checkpoint_dir` (default: beside the output); `resume` continues from the newest one."""
+    Settings from config (`TransferConfig.stage_kwargs`, `TrainConfig.fit_kwargs`). `head`: "flatten" (the
+    seed's Flatten-Dense-Dropout head) or "pool" (global average pooling, far fewer weights on a large
+    feature map), then a hidden Dense layer of `head_units` with `head_dropout` (none with 0 units).
+    Each phase checkpoints every epoch to `checkpoint_dir` (default: beside the output); `resume`
+    continues from the newest one."""
     if head not in ("flatten", "pool"):
         raise ValueError(f"finetune: head must be 'flatten' or 'pool', not {head!r}")
     start = time.time()
@@ -107,8 +110,9 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     x = base(inputs)  # a frozen BatchNorm layer runs in inference mode (Keras 3): see unfreeze_top_layers
     if len(x.shape) > 2:
         x = (layers.GlobalAveragePooling2D(name="pool_head") if head == "pool" else layers.Flatten(name="flatten_head"))(x)
-    x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
-    x = layers.Dropout(0.5, name="head_dropout")(x)
+    if head_units:  # else the pooled (or flattened) features go straight to the classifier
+        x = layers.Dense(head_units, activation="relu", name="head_dense")(x)
+        x = layers.Dropout(head_dropout, name="head_dropout")(x)
     model = keras.Model(inputs, classifier_head(x, meta["num_classes"]), name=f"transfer_{backbone}")
 
     ckpt = Path(checkpoint_dir or f"{output_dir}.checkpoints")
@@ -143,6 +147,7 @@ def finetune(dataset_dir: str, output_dir: str, pretrained_dir: str | None = Non
     out = Path(output_dir)
     return {
         "params": {"weights": weights, "backbone": backbone, "head": head, "head_units": head_units,
+                   "head_dropout": head_dropout,
                    "early_stopping_monitor": monitor, "mixed_precision": mixed_precision, "distribute": distribute,
                    "frozen_epochs": frozen_epochs, "finetune_epochs": finetune_epochs, "unfreeze_steps": unfreeze_steps,
                    "unfrozen_layers": unfrozen, "learning_rate": learning_rate, "schedule": schedule,

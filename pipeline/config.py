@@ -205,13 +205,15 @@ class TransferConfig(_Section):
         "the source's, in inference mode)")
     head: Literal["flatten", "pool"] = Field(
         "pool", description="new head on the backbone: the seed's Flatten-Dense-Dropout, or global pooling")
-    head_units: int = Field(512, ge=1, le=8192, description="units of the head's Dense layer")
+    head_units: int = Field(512, ge=0, le=8192, description="units of the head's hidden Dense layer; 0: none, "
+                            "the backbone's features go straight to the classifier")
+    head_dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout after the head's hidden layer")
 
     def stage_kwargs(self) -> dict:
         """The finetune stage's arguments from this section (the source and pretraining are the DAG's)."""
         return self.model_dump(include={"weights", "backbone", "frozen_epochs", "finetune_epochs", "unfreeze_top",
                                         "unfreeze_steps", "finetune_lr_factor", "layer_lr_decay", "train_batchnorm", "head",
-                                        "head_units"})
+                                        "head_units", "head_dropout"})
 
     @field_validator("unfreeze_top", mode="plain")
     @classmethod

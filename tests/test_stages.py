@@ -117,6 +117,14 @@ def test_finetune_freezes_then_unfreezes_the_pretrained_backbone(cifar_dataset, 
     assert pooled["params"]["head"] == "pool"
     assert pooled_model.get_layer("pool_head").output.shape[1:] == (64,)  # conv2's 64 channels, averaged
     assert pooled_model.count_params() < tuned.count_params()
+    # No hidden layer: the pooled features go straight to the classifier
+    linear = finetune.finetune(str(cifar_dataset), str(tmp_path / "linear"), str(tmp_path / "pretrained"),
+                               **settings("finetune", frozen_epochs=1, finetune_epochs=0, patience=0, head="pool",
+                                          head_units=0))
+    linear_model = load_model(tmp_path / "linear")
+    assert linear["params"]["head_units"] == 0
+    assert [l.name for l in linear_model.layers][-2:] == ["pool_head", "output"]
+    assert linear_model.get_layer("output").kernel.shape[0] == 64
 
 
 @pytest.mark.slow
