@@ -1,6 +1,7 @@
 """Quality benchmark: the shared benchmark end to end, scored on photos the run never saw.
 
     python bench/quality.py [--seeds 42 43 44] [--ablation] [-- extra kflift run arguments]
+    python bench/quality.py --results A/quality.json B/quality.json   # seeds run apart, summarized as one
 
 Trains on ../shared/datasets/cifar10-vehicles-train (automobile vs truck, 10,000 photos; airplane
 and ship as the transfer source), then scores the champion's serving model with `kflift predict` on
@@ -77,24 +78,16 @@ def mean_difference(runs: list[dict], name: str, reference: str, resamples: int 
     return float(diff.mean()), *(float(v) for v in np.percentile(boots, [2.5, 97.5]))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--ablation", action="store_true", help="each lever alone, then all together")
-    parser.add_argument("--output", help="folder for the runs (default: a fresh temporary one)")
-    parser.add_argument("extra", nargs="*", help="more `kflift run` arguments, e.g. --set model.architecture=resnet")
-    args = parser.parse_args()
-    root = Path(args.output or tempfile.mkdtemp(prefix="kflift-quality-"))
-    results = []
-    for seed in args.seeds:
-        r = run_once(seed, args.ablation, args.extra, root / f"seed-{seed}")
-        results.append(r)
-        print(f"seed {seed}: champion {r['winner']}, held-out accuracy {r['held_out']:.4f} "
-              f"(2,000 photos), wall {r['wall_seconds']:.0f} s", flush=True)
-        for name, acc in r["test_split"].items():
-            lo_hi = r["lift_interval_95"].get(name)
-            lift = f"  lift {lo_hi[0] * 100:+.1f} .. {lo_hi[1] * 100:+.1f} pts" if lo_hi else ""
-            print(f"    {name:<16} test split {acc:.4f}{lift}", flush=True)
+def print_run(r: dict) -> None:
+    print(f"seed {r['seed']}: champion {r['winner']}, held-out accuracy {r['held_out']:.4f} "
+          f"(2,000 photos), wall {r['wall_seconds']:.0f} s", flush=True)
+    for name, acc in r["test_split"].items():
+        lo_hi = r["lift_interval_95"].get(name)
+        lift = f"  lift {lo_hi[0] * 100:+.1f} .. {lo_hi[1] * 100:+.1f} pts" if lo_hi else ""
+        print(f"    {name:<16} test split {acc:.4f}{lift}", flush=True)
+
+
+def print_summary(results: list[dict]) -> None:
     if len(results) > 1:  # the levers over all seeds at once: a tighter interval than any one run's
         names = list(results[0]["test_split"])
         print(f"mean over the {len(results)} seeds, test split (lift: 95% interval, the photos resampled):")
@@ -113,6 +106,29 @@ def main() -> int:
     spread = f" ± {statistics.stdev(held):.4f}" if len(held) > 1 else ""
     print(f"held-out accuracy: mean {statistics.mean(held):.4f}{spread} over {len(held)} seed(s); "
           f"wall mean {statistics.mean(walls):.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--ablation", action="store_true", help="each lever alone, then all together")
+    parser.add_argument("--output", help="folder for the runs (default: a fresh temporary one)")
+    parser.add_argument("--results", nargs="+", metavar="JSON",
+                        help="no run: summarize the quality.json of earlier runs (seeds run apart) as one")
+    parser.add_argument("extra", nargs="*", help="more `kflift run` arguments, e.g. --set model.architecture=resnet")
+    args = parser.parse_args()
+    if args.results:
+        results = [r for path in args.results for r in json.loads(Path(path).read_text())]
+        for r in results:
+            print_run(r)
+        print_summary(results)
+        return 0
+    root = Path(args.output or tempfile.mkdtemp(prefix="kflift-quality-"))
+    results = []
+    for seed in args.seeds:
+        results.append(run_once(seed, args.ablation, args.extra, root / f"seed-{seed}"))
+        print_run(results[-1])
+    print_summary(results)
     (root / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"results: {root / 'quality.json'}")
     return 0
