@@ -72,7 +72,11 @@ def mean_difference(runs: list[dict], name: str, reference: str, resamples: int 
     bootstrap interval: every run scores the same test photos (the split follows the content hash),
     so one resample of the photos is applied to all runs at once."""
     keys = sorted(hits_by_key(runs[0], reference))
-    diff = np.mean([[hits_by_key(r, name)[k] - hits_by_key(r, reference)[k] for k in keys] for r in runs], axis=0)
+    diff = np.zeros(len(keys))
+    for r in runs:  # each run's hits looked up once, then read in the common key order
+        hits, ref = hits_by_key(r, name), hits_by_key(r, reference)
+        diff += [hits[k] - ref[k] for k in keys]
+    diff /= len(runs)
     rng = np.random.default_rng(0)
     boots = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
     return float(diff.mean()), *(float(v) for v in np.percentile(boots, [2.5, 97.5]))
