@@ -326,11 +326,18 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         return [(rec["label"], _raw_example(e)) for e in examples]
 
     sink = places.sink
+    # The file list reaches the workers as a file they read, not a beam.Create: Create pickles the
+    # whole list into the pipeline graph, and every worker kept its own copy (24 MiB at 40k files).
+    # Read by a plain FlatMap, not ReadFromText: the Spark job server fails on the text source's
+    # splittable DoFn.
+    listing = f"{sink}/.listing.jsonl"
+    with filesystems().create(listing) as f:
+        f.write("".join(json.dumps(item) + "\n" for item in items).encode())
     p = beam.Pipeline(options=options)
     with tft_beam.Context(temp_dir=f"{places.transform}/.tft-tmp"):
         # reshuffle: the file list is spread over the workers instead of one bundle.
-        decoded = (p | "List" >> beam.Create(items)
-                   | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
+        decoded = (p | "Listing" >> beam.Create([listing]) | "List" >> beam.FlatMap(_listed_items)
+                   | "Spread" >> beam.Reshuffle() | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
                   | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
@@ -374,6 +381,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
              | "WriteResults" >> beam.io.WriteToText(f"{sink}/.results", file_name_suffix=".jsonl",
                                                      shard_name_template=""))
         p.run().wait_until_finish()
+    filesystems().delete([listing])
     if places.transform == str(work):
         shutil.rmtree(work / ".tft-tmp", ignore_errors=True)
     else:  # the graph comes into the output, and the shared folder is cleared
@@ -389,6 +397,13 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
     labels = [v.decode() if isinstance(v, bytes) else v for v in
               tft.TFTransformOutput(str(work / "transform_fn")).vocabulary_by_name("labels")]
     return totals, labels
+
+
+def _listed_items(listing: str):
+    """The (path, label) items of a listing file that augment wrote, one JSON list per line."""
+    with filesystems().open(listing) as f:
+        for line in io.TextIOWrapper(f, encoding="utf-8"):
+            yield tuple(json.loads(line))
 
 
 def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:

@@ -38,8 +38,9 @@ def store_uri(uri: str) -> str:
 def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, from a local path or a URI (through Beam's FileSystems: its S3, GCS or
     HDFS client, credentials from the environment). Raises OSError when it cannot be read."""
-    if not is_uri(path):
-        return Path(path).read_bytes()
+    if not is_uri(path):  # open(), not Path: pathlib interns every part of every path it parses, for good
+        with open(path, "rb") as f:
+            return f.read()
     if str(path).startswith("s3://"):
         with _s3io().open(str(path)) as f:
             return f.read()
