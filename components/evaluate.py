@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from . import plots
 from .files import load_model, publish_dir, staging_dir, write_json
-from .records import load_split, read_meta
+from .records import load_split, read_meta, split_files
 from .serve import export_serving, save_mlflow_model
 from .results import StageResult
 
@@ -125,7 +125,7 @@ def split_keys(dataset_dir: str, split: str) -> list[str]:
     """The records' keys (content hash, -augN for copies) in the order `load_split` reads them."""
     import tensorflow as tf
 
-    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("*.tfrecord.gz"))
+    files = split_files(dataset_dir, split)
     key = {"key": tf.io.FixedLenFeature([], tf.string)}
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP").map(lambda r: tf.io.parse_single_example(r, key))
     return [k["key"].decode() for k in ds.as_numpy_iterator()]

@@ -20,6 +20,14 @@ def read_meta(dataset_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def split_files(dataset_dir: str | Path, split: str) -> list[str]:
+    """A split's TFRecord shards, in the order every reader takes them."""
+    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("*.tfrecord.gz"))
+    if not files:
+        raise DataError(f"{dataset_dir}/{split}: no TFRecord shards")
+    return files
+
+
 def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                augmented: bool = True, epochs: tuple[int, int] = (0, 1)):
     """A tf.data pipeline of (image, label) batches from the transformed TFRecords.
@@ -33,9 +41,7 @@ def load_split(dataset_dir: str | Path, split: str, batch_size: int, shuffle: bo
 
     meta = read_meta(dataset_dir)
     size = meta["image_size"]
-    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("*.tfrecord.gz"))
-    if not files:
-        raise DataError(f"{dataset_dir}/{split}: no TFRecord shards")
+    files = split_files(dataset_dir, split)
     spec = {
         "image": tf.io.FixedLenFeature([size, size, 3], tf.float32),
         "label": tf.io.FixedLenFeature([], tf.int64),

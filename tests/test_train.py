@@ -147,6 +147,22 @@ def test_every_split_pipeline_reads_without_the_autotuner(cifar_dataset):
     assert sum(len(y) for _, y in val_ds) == split_size(cifar_dataset, "val")
 
 
+def test_a_split_without_shards_is_an_error_naming_its_folder(cifar_dataset, tmp_path):
+    """Every reader (training, evaluate's per-image keys) takes a split's shards from one place."""
+    from kflift.components.evaluate import split_keys
+    from kflift.components.records import DataError, load_split, split_files
+
+    assert split_files(cifar_dataset, "test") == sorted(split_files(cifar_dataset, "test"))
+    assert len(split_keys(cifar_dataset, "test")) == split_size(cifar_dataset, "test")
+    empty = tmp_path / "dataset"
+    shutil.copytree(cifar_dataset, empty)
+    for shard in (empty / "test").iterdir():
+        shard.unlink()
+    for read in (lambda: load_split(empty, "test", 16), lambda: split_keys(str(empty), "test")):
+        with pytest.raises(DataError, match=f"{empty}/test: no TFRecord shards"):
+            read()
+
+
 def test_baseline_without_augmented_copies_sees_only_originals(cifar_dataset, tmp_path, monkeypatch):
     import tensorflow as tf
 
