@@ -185,6 +185,7 @@ def augment(
     num_workers: int | str,
     parallel_from: int,
     max_pixels: int,
+    batch_size: int,
     seed: int,
     beam_options: list[str],
     staging_uri: str,
@@ -208,7 +209,7 @@ def augment(
         places = _places(work, staging_uri, transform_temp, artifact_uri)
         workers = num_workers if num_workers != "auto" else usable_cpus() if len(items) >= parallel_from else 1
         counts, labels = in_child_process(_run_beam, items, work, places, image_size, val_fraction, test_fraction,
-                                             copies, seed, ops, shards, workers, max_pixels, beam_options or [])
+                                             copies, seed, ops, shards, workers, max_pixels, batch_size, beam_options or [])
         stats = _stats(counts, len(items), time.time() - start)
         if stats["written"]["originals"] == 0:
             raise DataError(f"{data_dir}: no valid image (all {len(items)} files quarantined, see reasons)")
@@ -262,7 +263,7 @@ def _places(work: Path, staging_uri: str, transform_temp: str, artifact_uri: str
 
 
 def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_fraction, copies, seed, ops,
-              shards, num_workers, max_pixels, beam_options) -> dict[str, int]:
+              shards, num_workers, max_pixels, batch_size, beam_options) -> dict[str, int]:
     """Build and run the Beam pipeline; returns its counts (see _stats) and the label vocabulary.
 
     The records, quarantine and counts go to `places.sink`, the transform graph under
@@ -343,7 +344,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
         # copies are perturbations of them, and serving sees originals.
         originals = (splits.train | "Originals" >> beam.FlatMap(raw_examples, "train", expand=False, count=False)
-                     | "OriginalsOnly" >> beam.Values() | "OriginalsBatches" >> raw_format.BeamSource())
+                     | "OriginalsOnly" >> beam.Values() | "OriginalsBatches" >> raw_format.BeamSource(batch_size))
         adapter = raw_format.TensorAdapterConfig()
         transform_fn = ((originals, adapter) | "Analyze" >> tft_beam.AnalyzeDataset(
             lambda inputs: preprocessing_fn(inputs, image_size)))
@@ -362,7 +363,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
             labelled = (getattr(splits, s) | f"Wait-{s}" >> beam.Reshuffle()
                         | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train"))
             tallies.append(labelled | f"CountWritten-{s}" >> beam.Map(lambda kv, s: (f"written:{s}:{kv[0]}", 1), s))
-            batches = labelled | f"Examples-{s}" >> beam.Values() | f"Batches-{s}" >> raw_format.BeamSource()
+            batches = labelled | f"Examples-{s}" >> beam.Values() | f"Batches-{s}" >> raw_format.BeamSource(batch_size)
             transformed, _ = (((batches, adapter), transform_fn)
                               | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
             if sink == str(work):

@@ -88,6 +88,9 @@ class AugmentConfig(_Section):
                                "which worker processes pay off (2 cores: 4k images ran 2.3 s faster in-process, "
                                "10k 4 s faster on 2 workers)")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are quarantined")
+    batch_size: int = Field(256, ge=1, le=8192, description=(
+        "images per batch through tf.Transform's graph (analysis and transform). Fixed, so a worker's memory "
+        "does not grow with the input: unset, Beam tunes the batch up to 1,000 over a long run"))
     seed: int = 42
     beam_options: list[str] = Field(default_factory=list, description="passed through to Beam")
     staging_uri: str = Field("", description="where the Beam workers write the records, quarantine and counts "
@@ -112,7 +115,7 @@ class AugmentConfig(_Section):
         return {"image_size": self.image_size, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction, "copies": self.copies, "ops": self.ops.image_ops(),
                 "shards": self.shards, "num_workers": self.num_workers, "parallel_from": self.parallel_from,
-                "max_pixels": self.max_pixels,
+                "max_pixels": self.max_pixels, "batch_size": self.batch_size,
                 "seed": self.seed, "beam_options": list(self.beam_options), "staging_uri": self.staging_uri,
                 "transform_temp": self.transform_temp}
 
