@@ -199,7 +199,9 @@ class TransferConfig(_Section):
     unfreeze_steps: int = Field(
         1, ge=1, le=20, description="phase 2 in this many steps (gradual unfreezing): each unfreezes a further "
         "share of the unfreeze_top layers from the top and trains its share of finetune_epochs; 1 = all at once")
-    finetune_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="phase 2 learning rate / train.learning_rate")
+    finetune_lr_factor: float = Field(
+        1.0, gt=0.0, le=1.0, description="phase 2 learning rate / train.learning_rate (the residual net fine-tunes "
+        "best at the full rate: 3 seeds, validation; the seed CNN at 0.5)")
     layer_lr_decay: float = Field(
         1.0, gt=0.0, le=1.0, description="phase 2: each conv layer learns at this times the rate of the one above "
         "it (discriminative rates: earlier layers, more general features, change less); 1 = one rate")
