@@ -332,8 +332,6 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
     # Read by a plain FlatMap, not ReadFromText: the Spark job server fails on the text source's
     # splittable DoFn.
     listing = f"{sink}/.listing.jsonl"
-    with filesystems().create(listing) as f:
-        f.write("".join(json.dumps(item) + "\n" for item in items).encode())
     p = beam.Pipeline(options=options)
     with tft_beam.Context(temp_dir=f"{places.transform}/.tft-tmp"):
         # reshuffle: the file list is spread over the workers instead of one bundle.
@@ -381,7 +379,18 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         _ = ((counts_json, quarantine_json) | "Results" >> beam.Flatten()
              | "WriteResults" >> beam.io.WriteToText(f"{sink}/.results", file_name_suffix=".jsonl",
                                                      shard_name_template=""))
-        p.run().wait_until_finish()
+        try:
+            with filesystems().create(listing) as f:
+                f.write("".join(json.dumps(item) + "\n" for item in items).encode())
+            p.run().wait_until_finish()
+        except BaseException:
+            # A failed run leaves nothing in a remote store: the listing, partial shards, Beam's and
+            # tf.Transform's temporary files go (locally they sit in `work`, which augment discards).
+            if sink != str(work):
+                clear(sink)
+            if places.transform != str(work) and tf.io.gfile.exists(places.transform):
+                tf.io.gfile.rmtree(places.transform)
+            raise
     filesystems().delete([listing])
     if places.transform == str(work):
         shutil.rmtree(work / ".tft-tmp", ignore_errors=True)
@@ -422,6 +431,14 @@ def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:
         with fs.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, local.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     fs.delete([m.path for m in found])
+
+
+def clear(uri: str) -> None:
+    """Delete every file under a URI (a remote runner's staging folder)."""
+    fs = filesystems()
+    found = fs.match([uri + "/**"])[0].metadata_list
+    if found:
+        fs.delete([m.path for m in found])
 
 
 def copy_tree(source: str, target: Path) -> None:
