@@ -240,6 +240,18 @@ def augment(
     }
 
 
+class Checked(NamedTuple):
+    """A checked image's small record: what the dedupe groups and the splits carry on to where the
+    bytes are read again. A tuple, not a dict: the local runner holds every shuffled record as a Python
+    object, and a dict with its keys takes 1.6-1.7x the memory (bench/shuffle_memory.py)."""
+    path: str
+    label: str
+    sha256: str
+    converted: bool  # not RGB to begin with
+    as_is: bool  # TensorFlow decodes the file's own bytes (else they are converted to PNG)
+    duplicates: int = 0  # other files with the same content, after the dedupe
+
+
 class Places(NamedTuple):
     """Where the Beam workers write (see `_places`)."""
     sink: str  # records, and the counts and quarantine (.results.jsonl)
@@ -309,22 +321,21 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         if "reason" in rec:
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
         # Only this small record travels on (the dedupe groups it); the bytes are read again later.
-        return rec["sha256"], {"path": rec["path"], "label": rec["label"], "sha256": rec["sha256"],
-                               "converted": rec["converted"],
-                               "as_is": rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES}
+        return rec["sha256"], Checked(rec["path"], rec["label"], rec["sha256"], rec["converted"],
+                                      rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
 
     def keep_first(kv):
-        records = sorted(kv[1], key=lambda r: r["path"])
-        rec = {**records[0], "duplicates": len(records) - 1}
-        return beam.pvalue.TaggedOutput(split_of(rec["sha256"], val_fraction, test_fraction), rec)
+        records = sorted(kv[1], key=lambda r: r.path)
+        rec = records[0]._replace(duplicates=len(records) - 1)
+        return beam.pvalue.TaggedOutput(split_of(rec.sha256, val_fraction, test_fraction), rec)
 
     def raw_examples(rec, split, expand=True, count=True):
-        record = {**rec, "image": _reread(rec, max_pixels)}
+        record = {"image": _reread(rec, max_pixels), "label": rec.label, "sha256": rec.sha256}
         examples = expand_training_record(record, copies, seed, ops) if expand else [
-            {"image": record["image"], "label": rec["label"], "key": rec["sha256"]}]
+            {"image": record["image"], "label": rec.label, "key": rec.sha256}]
         if count:
             report("written", len(examples))
-        return [(rec["label"], _raw_example(e)) for e in examples]
+        return [(rec.label, _raw_example(e)) for e in examples]
 
     sink = places.sink
     # The file list reaches the workers as a file they read, not a beam.Create: Create pickles the
@@ -351,10 +362,10 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         # (not all report metrics): a (name, n) tally per event, summed by name into .results.jsonl.
         tallies = [decoded.bad | "CountQuarantined" >> beam.Map(
                        lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
-                   decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1]["converted"])))]
+                   decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1].converted)))]
         for s in SPLITS:
             tallies.append(getattr(splits, s) | f"CountOriginals-{s}" >> beam.FlatMap(
-                lambda r, s: [(f"originals:{s}:{r['label']}", 1), ("duplicates", r["duplicates"])], s))
+                lambda r, s: [(f"originals:{s}:{r.label}", 1), ("duplicates", r.duplicates)], s))
             # The fusion break sits on the small records: Transform waits for the transform_fn
             # side input, and the local runner holds what it waits on in memory, so the image
             # bytes (and their augmented copies) are read only once the graph is there.
@@ -452,14 +463,13 @@ def copy_tree(source: str, target: Path) -> None:
             tf.io.gfile.copy(f"{folder}/{name}", str(local / name), overwrite=True)
 
 
-def _reread(rec: dict, max_pixels: int) -> bytes:
+def _reread(rec: Checked, max_pixels: int) -> bytes:
     """A checked file's encoded bytes, read again: as they are when TF decodes them directly,
     converted to PNG otherwise. A file changed since it was checked stops the stage."""
-    path = rec["path"]
-    data = read_bytes(path)
-    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-        raise DataError(f"{path}: the file changed while the augment stage ran; rerun the stage")
-    return data if rec["as_is"] else decode_image(path, rec["label"], max_pixels)["image"]
+    data = read_bytes(rec.path)
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
+        raise DataError(f"{rec.path}: the file changed while the augment stage ran; rerun the stage")
+    return data if rec.as_is else decode_image(rec.path, rec.label, max_pixels)["image"]
 
 
 def _raw_example(example: dict) -> bytes:
