@@ -116,7 +116,6 @@ def test_clean_images_stage_in_minio_too(minio, cifar_dir, tmp_path):
     assert keys_under(minio, "clean-staging/") == []
 
 
-
 def test_a_failed_run_leaves_nothing_in_the_staging_store(minio, images, tmp_path):
     """A run that fails in a worker (here on an augmentation setting no op can use, once the listing,
     the quarantine and other splits' shards may be written) clears what it staged, and the error says why."""
@@ -127,6 +126,7 @@ def test_a_failed_run_leaves_nothing_in_the_staging_store(minio, images, tmp_pat
         augment(data, str(tmp_path / "out"), **kwargs)
     assert keys_under(minio, "fail-staging/") == []
     assert not (tmp_path / "out").exists()
+
 
 def download_prefix(client, key: str, local: Path) -> Path:
     """KFP's launcher before a task: every object under an input artifact's key, to the same relative
