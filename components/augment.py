@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .sources import DataError, filesystems, list_images, read_bytes, store_uri
+from .sources import DataError, files_under, filesystems, list_images, read_bytes, store_uri
 from .records import META_FILE, SPLITS
 from .files import publish_dir, staging_dir, write_json
 from .processes import in_child_process, usable_cpus
@@ -433,8 +433,7 @@ def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:
     from apache_beam.io.filesystem import CompressionTypes
 
     fs = filesystems()
-    found = [m for m in fs.match([uri + "/**"])[0].metadata_list
-             if m.path[len(uri) + 1:].split("/")[0] not in leave]
+    found = [m for m in files_under(uri) if m.path[len(uri) + 1:].split("/")[0] not in leave]
     for meta in found:
         local = folder / meta.path[len(uri) + 1:]
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -446,10 +445,9 @@ def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:
 
 def clear(uri: str) -> None:
     """Delete every file under a URI (a remote runner's staging folder)."""
-    fs = filesystems()
-    found = fs.match([uri + "/**"])[0].metadata_list
+    found = files_under(uri)
     if found:
-        fs.delete([m.path for m in found])
+        filesystems().delete([m.path for m in found])
 
 
 def copy_tree(source: str, target: Path) -> None:

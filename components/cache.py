@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import file_lock, publish_dir, write_json
-from .sources import filesystems, is_uri, list_images
+from .sources import files_under, is_uri, list_images
 
 FINGERPRINT = "kflift.fingerprint"  # key in an output artifact's KFP metadata
 ENTRY_FILE = "entry.json"
@@ -63,7 +63,7 @@ def _flat(artifacts) -> list:
 def data_fingerprint(source: str | Path) -> str:
     """The listing of an image folder or CSV manifest: relative path, size and mtime of each file."""
     if is_uri(source):  # an object store: one listing of everything under it, with sizes and update times
-        listed = filesystems().match([str(source).rstrip("/") + "/**"])[0].metadata_list
+        listed = files_under(str(source))
         return hashlib.sha256("".join(sorted(f"{m.path}\0{m.size_in_bytes}:{m.last_updated_in_seconds}\n"
                                              for m in listed)).encode()).hexdigest()
     root = Path(source)

@@ -29,6 +29,11 @@ def filesystems():
     return FileSystems
 
 
+def files_under(uri: str) -> list:
+    """Every file under a URI, in any sub-folder (Beam's FileMetadata: path, size, update time)."""
+    return filesystems().match([uri.rstrip("/") + "/**"])[0].metadata_list
+
+
 def store_uri(uri: str) -> str:
     """A KFP artifact URI as Beam's filesystems name it: KFP's `minio://bucket/key` is an S3 bucket on
     KFP's MinIO (Beam's S3 client reaches it through AWS_ENDPOINT_URL); s3:// and gs:// stay as they are."""
