@@ -29,6 +29,9 @@ from .progress import progress
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
 # so serving the same file gives the same tensor as training.
 TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF"}
+# The file list goes to the workers in files of this many images: the runner then shuffles a name
+# per file to spread them over the workers, not a record per image.
+IMAGES_PER_LISTING = 500
 TF_DECODABLE_MODES = {"RGB", "L"}
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 
@@ -338,16 +341,17 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         return [(rec.label, _raw_example(e)) for e in examples]
 
     sink = places.sink
-    # The file list reaches the workers as a file they read, not a beam.Create: Create pickles the
-    # whole list into the pipeline graph, and every worker kept its own copy (24 MiB at 40k files).
-    # Read by a plain FlatMap, not ReadFromText: the Spark job server fails on the text source's
-    # splittable DoFn.
-    listing = f"{sink}/.listing.jsonl"
+    # The file list reaches the workers as files they read, not a beam.Create of the items: Create
+    # pickles its list into the pipeline graph, and every worker kept its own copy (24 MiB at 40k
+    # files). Several files, so that Create's own reshuffle spreads them over the workers: the
+    # runner holds their names, where a reshuffle of the items held a record per image (its peak at
+    # 100k images: 1,070 -> 1,052 MiB). Read by a plain FlatMap, not ReadFromText: the Spark job
+    # server fails on the text source's splittable DoFn.
+    listings = [f"{sink}/.listing-{i:05d}.jsonl" for i in range(-(-len(items) // IMAGES_PER_LISTING) or 1)]
     p = beam.Pipeline(options=options)
     with tft_beam.Context(temp_dir=f"{places.transform}/.tft-tmp"):
-        # reshuffle: the file list is spread over the workers instead of one bundle.
-        decoded = (p | "Listing" >> beam.Create([listing]) | "List" >> beam.FlatMap(_listed_items)
-                   | "Spread" >> beam.Reshuffle() | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
+        decoded = (p | "Listing" >> beam.Create(listings) | "List" >> beam.FlatMap(_listed_items)
+                   | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
                   | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
@@ -359,19 +363,23 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
             lambda inputs: preprocessing_fn(inputs, image_size)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(f"{places.transform}/transform_fn")
         # The statistics count the pipeline's own outputs, so every runner gives the same numbers
-        # (not all report metrics): a (name, n) tally per event, summed by name into .results.jsonl.
-        tallies = [decoded.bad | "CountQuarantined" >> beam.Map(
-                       lambda r: ("quarantined:" + r["reason"].split(":")[0], 1)),
-                   decoded.good | "CountConverted" >> beam.Map(lambda kv: ("converted", int(kv[1].converted)))]
+        # (not all report metrics): (name, n) tallies, summed by name into .results.jsonl. Each count is
+        # summed where it is made (a lifted combiner: a few sums per bundle reach the runner, not a
+        # tally per image, which the local runner held until the end and the workers queued to send).
+        def count(pcoll, name, tallies_of, *args):
+            return pcoll | name >> beam.FlatMap(tallies_of, *args) | f"Sum-{name}" >> beam.CombinePerKey(sum)
+
+        tallies = [count(decoded.bad, "CountQuarantined", lambda r: [("quarantined:" + r["reason"].split(":")[0], 1)]),
+                   count(decoded.good, "CountConverted", lambda kv: [("converted", int(kv[1].converted))])]
         for s in SPLITS:
-            tallies.append(getattr(splits, s) | f"CountOriginals-{s}" >> beam.FlatMap(
-                lambda r, s: [(f"originals:{s}:{r.label}", 1), ("duplicates", r.duplicates)], s))
+            tallies.append(count(getattr(splits, s), f"CountOriginals-{s}",
+                                 lambda r, s: [(f"originals:{s}:{r.label}", 1), ("duplicates", r.duplicates)], s))
             # The fusion break sits on the small records: Transform waits for the transform_fn
             # side input, and the local runner holds what it waits on in memory, so the image
             # bytes (and their augmented copies) are read only once the graph is there.
             labelled = (getattr(splits, s) | f"Wait-{s}" >> beam.Reshuffle()
                         | f"Raw-{s}" >> beam.FlatMap(raw_examples, s, expand=s == "train"))
-            tallies.append(labelled | f"CountWritten-{s}" >> beam.Map(lambda kv, s: (f"written:{s}:{kv[0]}", 1), s))
+            tallies.append(count(labelled, f"CountWritten-{s}", lambda kv, s: [(f"written:{s}:{kv[0]}", 1)], s))
             batches = labelled | f"Examples-{s}" >> beam.Values() | f"Batches-{s}" >> raw_format.BeamSource(batch_size)
             transformed, _ = (((batches, adapter), transform_fn)
                               | f"Transform-{s}" >> tft_beam.TransformDataset(output_record_batches=True))
@@ -391,8 +399,9 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
              | "WriteResults" >> beam.io.WriteToText(f"{sink}/.results", file_name_suffix=".jsonl",
                                                      shard_name_template=""))
         try:
-            with filesystems().create(listing) as f:
-                f.write("".join(json.dumps(item) + "\n" for item in items).encode())
+            for i, listing in enumerate(listings):  # interleaved: each file a like mix of the folders
+                with filesystems().create(listing) as f:
+                    f.write("".join(json.dumps(item) + "\n" for item in items[i::len(listings)]).encode())
             p.run().wait_until_finish()
         except BaseException:
             # A failed run leaves nothing in a remote store: the listing, partial shards, Beam's and
@@ -402,7 +411,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
             if places.transform != str(work) and tf.io.gfile.exists(places.transform):
                 tf.io.gfile.rmtree(places.transform)
             raise
-    filesystems().delete([listing])
+    filesystems().delete(listings)
     if places.transform == str(work):
         shutil.rmtree(work / ".tft-tmp", ignore_errors=True)
     else:  # the graph comes into the output, and the shared folder is cleared
