@@ -29,11 +29,9 @@ from .progress import progress
 # Formats tf.io.decode_image reads directly: their original bytes go to tf.Transform untouched,
 # so serving the same file gives the same tensor as training.
 TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF"}
-# The file list goes to the workers in files of this many images: the runner then shuffles a name
-# per file to spread them over the workers, not a record per image.
-IMAGES_PER_LISTING = 500
 TF_DECODABLE_MODES = {"RGB", "L"}
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
+IMAGES_PER_LISTING = 500  # images per file of the list the workers read (why: _run_beam)
 
 
 def _hash_fraction(sha: str) -> float:
