@@ -247,10 +247,14 @@ class Checked(NamedTuple):
     object, and a dict with its keys takes 1.6-1.7x the memory (bench/shuffle_memory.py)."""
     path: str
     label: str
-    sha256: str
+    digest: bytes  # the content's SHA-256, raw: 32 bytes where the hex string takes 64 and a larger object
     converted: bool  # not RGB to begin with
     as_is: bool  # TensorFlow decodes the file's own bytes (else they are converted to PNG)
     duplicates: int = 0  # other files with the same content, after the dedupe
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hex()
 
 
 class Places(NamedTuple):
@@ -295,7 +299,6 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.public import tfxio
 
-    # The local runner is named: Beam's default would first try to download Prism.
     args = ["--runner=DirectRunner", f"--direct_num_workers={num_workers}",
             "--direct_running_mode=" + ("multi_processing" if num_workers > 1 else "in_memory")]
     options = PipelineOptions(args + list(beam_options))
@@ -322,13 +325,19 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         if "reason" in rec:
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
         # Only this small record travels on (the dedupe groups it); the bytes are read again later.
-        return rec["sha256"], Checked(rec["path"], rec["label"], rec["sha256"], rec["converted"],
-                                      rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
+        # Keyed by its hash's first byte: the local runner holds a list per key, so 256 lists, not one per image.
+        digest = bytes.fromhex(rec["sha256"])
+        return digest[0], Checked(rec["path"], rec["label"], digest, rec["converted"],
+                                  rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
 
-    def keep_first(kv):
-        records = sorted(kv[1], key=lambda r: r.path)
-        rec = records[0]._replace(duplicates=len(records) - 1)
-        return beam.pvalue.TaggedOutput(split_of(rec.sha256, val_fraction, test_fraction), rec)
+    def keep_first(group):
+        """Of each content in a group, the first file by path; the others count as its duplicates."""
+        by_content = {}
+        for rec in group[1]:
+            by_content.setdefault(rec.digest, []).append(rec)
+        for records in by_content.values():
+            rec = min(records, key=lambda r: r.path)._replace(duplicates=len(records) - 1)
+            yield beam.pvalue.TaggedOutput(split_of(rec.sha256, val_fraction, test_fraction), rec)
 
     def raw_examples(rec, split, expand=True, count=True):
         record = {"image": _reread(rec, max_pixels), "label": rec.label, "sha256": rec.sha256}
@@ -346,12 +355,12 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
     # 100k images: 1,070 -> 1,052 MiB). Read by a plain FlatMap, not ReadFromText: the Spark job
     # server fails on the text source's splittable DoFn.
     listings = [f"{sink}/.listing-{i:05d}.jsonl" for i in range(-(-len(items) // IMAGES_PER_LISTING) or 1)]
-    p = beam.Pipeline(options=options)
+    p = beam.Pipeline(runner=_local_engine(options), options=options)
     with tft_beam.Context(temp_dir=f"{places.transform}/.tft-tmp"):
         decoded = (p | "Listing" >> beam.Create(listings) | "List" >> beam.FlatMap(_listed_items)
                    | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
-                  | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
+                  | "Split" >> beam.FlatMap(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
         # copies are perturbations of them, and serving sees originals.
         originals = (splits.train | "Originals" >> beam.FlatMap(raw_examples, "train", expand=False, count=False)
@@ -427,6 +436,24 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
     return totals, labels
 
 
+def _local_engine(options):
+    """Beam's local engine (FnApiRunner) set up as the DirectRunner sets it up, when the runner is the
+    DirectRunner; None (Beam resolves it) for any other. Beam's DirectRunner first hands a pipeline that
+    Prism can run to the PrismRunner, which downloads its binary from GitHub: offline a failed lookup
+    (or a wait on DNS), online another engine than the one `direct_num_workers` and the tests count on."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    if options.view_as(StandardOptions).runner not in ("DirectRunner", "SwitchingDirectRunner"):
+        return None
+    # The workers get the pipeline options (a filesystem's settings among them) through the provision info.
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
 def _listed_items(listing: str):
     """The (path, label) items of a listing file that augment wrote, one JSON list per line."""
     with filesystems().open(listing) as f:
@@ -440,9 +467,10 @@ def fetch(uri: str, folder: Path, leave: tuple[str, ...] = ()) -> None:
     from apache_beam.io.filesystem import CompressionTypes
 
     fs = filesystems()
-    found = [m for m in files_under(uri) if m.path[len(uri) + 1:].split("/")[0] not in leave]
+    root = uri.rstrip("/") + "/"  # as files_under lists it, so that a trailing slash cuts no name short
+    found = [m for m in files_under(uri) if m.path[len(root):].split("/")[0] not in leave]
     for meta in found:
-        local = folder / meta.path[len(uri) + 1:]
+        local = folder / meta.path[len(root):]
         local.parent.mkdir(parents=True, exist_ok=True)
         # Streamed: a record shard can be far larger than memory should hold.
         with fs.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, local.open("wb") as dst:
@@ -472,7 +500,7 @@ def _reread(rec: Checked, max_pixels: int) -> bytes:
     """A checked file's encoded bytes, read again: as they are when TF decodes them directly,
     converted to PNG otherwise. A file changed since it was checked stops the stage."""
     data = read_bytes(rec.path)
-    if hashlib.sha256(data).hexdigest() != rec.sha256:
+    if hashlib.sha256(data).digest() != rec.digest:
         raise DataError(f"{rec.path}: the file changed while the augment stage ran; rerun the stage")
     return data if rec.as_is else decode_image(rec.path, rec.label, max_pixels)["image"]
 

@@ -227,6 +227,40 @@ def test_training_and_serving_tensors_of_the_same_image_are_equal(messy_run, mes
     assert checked > 0
 
 
+def test_the_local_runner_is_beams_own_engine_with_the_pipeline_options_not_prism():
+    """Beam 2.77's DirectRunner first hands a pipeline Prism can run to the PrismRunner, which downloads its
+    binary from GitHub (apache_beam/runners/direct/direct_runner.py, SwitchingDirectRunner.run_pipeline).
+    augment builds the engine the DirectRunner falls back to, and hands the workers the same options."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    from kflift.components.augment import _local_engine
+
+    engine = _local_engine(PipelineOptions(["--runner=DirectRunner", "--direct_num_workers=2",
+                                            "--s3_endpoint_url=http://minio:9000"]))
+    assert isinstance(engine, FnApiRunner)
+    given = engine._provision_info.provision_info.pipeline_options
+    assert given["beam:option:s3_endpoint_url:v1"] == "http://minio:9000"
+    assert _local_engine(PipelineOptions(["--runner=PortableRunner", "--job_endpoint=embed"])) is None
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_fetch_brings_what_a_remote_runner_wrote_and_leaves_what_it_is_told(tmp_path, slash):
+    """What the workers wrote under a staging URI (here Beam's local filesystem) comes into the output
+    under the same relative names, with or without a trailing slash on the URI, and is deleted there."""
+    from kflift.components.augment import fetch
+
+    staging = tmp_path / "staging"
+    for name in ("train/part-0.tfrecord.gz", "val/part-0.tfrecord.gz", ".results.jsonl"):
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(name.encode())
+    fetch(str(staging) + slash, tmp_path / "out", leave=("val",))
+    fetched = sorted(str(f.relative_to(tmp_path / "out")) for f in (tmp_path / "out").rglob("*") if f.is_file())
+    assert fetched == [".results.jsonl", "train/part-0.tfrecord.gz"]
+    assert (tmp_path / "out/train/part-0.tfrecord.gz").read_bytes() == b"train/part-0.tfrecord.gz"
+    assert [str(f.relative_to(staging)) for f in staging.rglob("*") if f.is_file()] == ["val/part-0.tfrecord.gz"]
+
+
 def test_bad_folders_stop_with_a_clear_error(tmp_path, cifar_dir):
     only = copy_subset(cifar_dir, tmp_path / "one", ["truck"], 2)
     with pytest.raises(DataError, match="needs at least 2 classes"):
