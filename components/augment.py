@@ -247,14 +247,10 @@ class Checked(NamedTuple):
     object, and a dict with its keys takes 1.6-1.7x the memory (bench/shuffle_memory.py)."""
     path: str
     label: str
-    digest: bytes  # the content's SHA-256, raw: 32 bytes where the hex string takes 64 and a larger object
+    sha256: str
     converted: bool  # not RGB to begin with
     as_is: bool  # TensorFlow decodes the file's own bytes (else they are converted to PNG)
     duplicates: int = 0  # other files with the same content, after the dedupe
-
-    @property
-    def sha256(self) -> str:
-        return self.digest.hex()
 
 
 class Places(NamedTuple):
@@ -325,19 +321,13 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         if "reason" in rec:
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
         # Only this small record travels on (the dedupe groups it); the bytes are read again later.
-        # Keyed by its hash's first byte: the local runner holds a list per key, so 256 lists, not one per image.
-        digest = bytes.fromhex(rec["sha256"])
-        return digest[0], Checked(rec["path"], rec["label"], digest, rec["converted"],
-                                  rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
+        return rec["sha256"], Checked(rec["path"], rec["label"], rec["sha256"], rec["converted"],
+                                      rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
 
-    def keep_first(group):
-        """Of each content in a group, the first file by path; the others count as its duplicates."""
-        by_content = {}
-        for rec in group[1]:
-            by_content.setdefault(rec.digest, []).append(rec)
-        for records in by_content.values():
-            rec = min(records, key=lambda r: r.path)._replace(duplicates=len(records) - 1)
-            yield beam.pvalue.TaggedOutput(split_of(rec.sha256, val_fraction, test_fraction), rec)
+    def keep_first(kv):
+        records = sorted(kv[1], key=lambda r: r.path)
+        rec = records[0]._replace(duplicates=len(records) - 1)
+        return beam.pvalue.TaggedOutput(split_of(rec.sha256, val_fraction, test_fraction), rec)
 
     def raw_examples(rec, split, expand=True, count=True):
         record = {"image": _reread(rec, max_pixels), "label": rec.label, "sha256": rec.sha256}
@@ -360,7 +350,7 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         decoded = (p | "Listing" >> beam.Create(listings) | "List" >> beam.FlatMap(_listed_items)
                    | "Check" >> beam.Map(checked).with_outputs("bad", main="good"))
         splits = (decoded.good | "Dedupe" >> beam.GroupByKey()
-                  | "Split" >> beam.FlatMap(keep_first).with_outputs(*SPLITS))
+                  | "Split" >> beam.Map(keep_first).with_outputs(*SPLITS))
         # Statistics (mean/std, vocabulary) come from the training originals: the augmented
         # copies are perturbations of them, and serving sees originals.
         originals = (splits.train | "Originals" >> beam.FlatMap(raw_examples, "train", expand=False, count=False)
@@ -500,7 +490,7 @@ def _reread(rec: Checked, max_pixels: int) -> bytes:
     """A checked file's encoded bytes, read again: as they are when TF decodes them directly,
     converted to PNG otherwise. A file changed since it was checked stops the stage."""
     data = read_bytes(rec.path)
-    if hashlib.sha256(data).digest() != rec.digest:
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
         raise DataError(f"{rec.path}: the file changed while the augment stage ran; rerun the stage")
     return data if rec.as_is else decode_image(rec.path, rec.label, max_pixels)["image"]
 
