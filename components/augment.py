@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -430,17 +431,27 @@ def _local_engine(options):
     """Beam's local engine (FnApiRunner) set up as the DirectRunner sets it up, when the runner is the
     DirectRunner; None (Beam resolves it) for any other. Beam's DirectRunner first hands a pipeline that
     Prism can run to the PrismRunner, which downloads its binary from GitHub: offline a failed lookup
-    (or a wait on DNS), online another engine than the one `direct_num_workers` and the tests count on."""
-    from apache_beam.options.pipeline_options import StandardOptions
+    (or a wait on DNS), online another engine than the one `direct_num_workers` and the tests count on.
+    In multi_processing mode the worker processes run `beam_worker` (Beam's harness, no teardown)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     if options.view_as(StandardOptions).runner not in ("DirectRunner", "SwitchingDirectRunner"):
         return None
     # The workers get the pipeline options (a filesystem's settings among them) through the provision info.
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+    workers = None
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        # Beam's engine would put its own worker command in place of this environment for that mode:
+        # the environment is the mode here.
+        workers = SubprocessSDKEnvironment.from_command_string(
+            f"{sys.executable} -m kflift.components.beam_worker")
+        direct.direct_running_mode = None
+    return fn_runner.FnApiRunner(default_environment=workers, provision_info=fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 

@@ -138,6 +138,22 @@ def test_another_batch_size_writes_the_same_records(messy_run, messy_folder, tmp
 
 
 @pytest.mark.slow
+def test_worker_processes_write_what_one_process_writes(messy_run, messy_folder, tmp_path):
+    """The local runner with two worker processes (augment's default from `augment.parallel_from` images
+    on a multi-core machine; each runs components/beam_worker.py): the same statistics and records as
+    the runner's own process."""
+    result = run_augment(messy_folder, tmp_path / "two", num_workers=2)
+    assert result["params"]["num_workers"] == 2
+    timeless = lambda stats: {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
+    assert timeless(result["meta"]["stats"]) == timeless(messy_run[0]["meta"]["stats"])
+    for split in ("train", "val", "test"):
+        two, one = content(tmp_path / "two", split), content(messy_run[1], split)
+        assert [r[:2] for r in two] == [r[:2] for r in one]
+        for (_, _, a), (_, _, b) in zip(two, one):  # statistics combined in another order: last bits only
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_statistics_come_from_the_pipeline_not_the_runners_metrics(messy_run, messy_folder, tmp_path):
     # Beam's portable runner (its embedded job service, SDK workers over the Fn API): the counts are
     # the pipeline's own outputs, so a runner reports the local runner's numbers whatever metrics it keeps.
