@@ -439,15 +439,15 @@ def _local_engine(options):
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-    if options.view_as(StandardOptions).runner not in ("DirectRunner", "SwitchingDirectRunner"):
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "SwitchingDirectRunner"):
         return None
     # The workers get the pipeline options (a filesystem's settings among them) through the provision info.
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     workers = None
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_processing":
-        # Beam's engine would put its own worker command in place of this environment for that mode:
-        # the environment is the mode here.
+        # The same worker processes, started with beam_worker. Beam's engine puts its own worker command
+        # in place of the environment when it sees this mode, so the mode is cleared once passed on.
         workers = SubprocessSDKEnvironment.from_command_string(
             f"{sys.executable} -m kflift.components.beam_worker")
         direct.direct_running_mode = None

@@ -258,6 +258,8 @@ def test_the_local_runner_is_beams_own_engine_with_the_pipeline_options_not_pris
     given = engine._provision_info.provision_info.pipeline_options
     assert given["beam:option:s3_endpoint_url:v1"] == "http://minio:9000"
     assert _local_engine(PipelineOptions(["--runner=PortableRunner", "--job_endpoint=embed"])) is None
+    processes = _local_engine(PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
+    assert processes._default_environment.command_string.endswith(" -m kflift.components.beam_worker")
 
 
 @pytest.mark.parametrize("slash", ["", "/"])
