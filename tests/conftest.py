@@ -47,6 +47,11 @@ def pytest_collection_finish(session):
                                 "pin a pytest that pytest-xdist supports")
 
 
+def timeless(stats: dict) -> dict:
+    """An augment run's stats.json without its timings: what two runs of the same input share."""
+    return {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
+
+
 def copy_subset(src: Path, dst: Path, classes: list[str], per_class: int) -> Path:
     for c in classes:
         (dst / c).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from conftest import copy_subset, kflift
 from kflift.components.augment import augment, expand_training_record, split_of
 from kflift.components.sources import DataError, list_images
 from kflift.pipeline.config import AugmentOps
-from conftest import settings
+from conftest import settings, timeless
 
 OPS = AugmentOps().model_dump()
 
@@ -115,6 +115,16 @@ def content(out: Path, split: str) -> list[tuple]:
     return sorted(((r["key"], int(r["label"]), r["image"]) for r in read_records(out, split)), key=lambda r: r[0])
 
 
+def assert_same_records_up_to_float_sums(out: Path, other: Path) -> None:
+    """Every split holds the same keys and labels, and images equal but for the last bits of the
+    statistics' float sums (combined over other batches or in another order)."""
+    for split in ("train", "val", "test"):
+        before, after = content(out, split), content(other, split)
+        assert [r[:2] for r in before] == [r[:2] for r in after]
+        for (_, _, a), (_, _, b) in zip(before, after):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
     _, first = messy_run
@@ -128,13 +138,8 @@ def test_rerun_writes_identical_records(messy_run, messy_folder, tmp_path):
 def test_another_batch_size_writes_the_same_records(messy_run, messy_folder, tmp_path):
     """The records do not depend on how tf.Transform's graph batches the images (augment.batch_size):
     the transform is per image, and the statistics combine over batches."""
-    _, first = messy_run
     run_augment(messy_folder, tmp_path / "again", batch_size=3)
-    for split in ("train", "val", "test"):
-        before, after = content(first, split), content(tmp_path / "again", split)
-        assert [r[:2] for r in before] == [r[:2] for r in after]
-        for (_, _, a), (_, _, b) in zip(before, after):  # float sums over other batches: last bits only
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert_same_records_up_to_float_sums(messy_run[1], tmp_path / "again")
 
 
 @pytest.mark.slow
@@ -144,13 +149,8 @@ def test_worker_processes_write_what_one_process_writes(messy_run, messy_folder,
     the runner's own process."""
     result = run_augment(messy_folder, tmp_path / "two", num_workers=2)
     assert result["params"]["num_workers"] == 2
-    timeless = lambda stats: {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
     assert timeless(result["meta"]["stats"]) == timeless(messy_run[0]["meta"]["stats"])
-    for split in ("train", "val", "test"):
-        two, one = content(tmp_path / "two", split), content(messy_run[1], split)
-        assert [r[:2] for r in two] == [r[:2] for r in one]
-        for (_, _, a), (_, _, b) in zip(two, one):  # statistics combined in another order: last bits only
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert_same_records_up_to_float_sums(messy_run[1], tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -160,7 +160,6 @@ def test_statistics_come_from_the_pipeline_not_the_runners_metrics(messy_run, me
     out = tmp_path / "portable"
     result = run_augment(messy_folder, out, beam_options=["--runner=PortableRunner", "--job_endpoint=embed",
                                                           "--environment_type=LOOPBACK"])
-    timeless = lambda stats: {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
     assert timeless(result["meta"]["stats"]) == timeless(messy_run[0]["meta"]["stats"])
     for split in ("train", "test"):  # the same records, in any order (each runner shards its own way)
         portable = {r["key"]: r for r in read_records(out, split)}

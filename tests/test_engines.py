@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, copy_subset, settings
+from conftest import REPO, copy_subset, settings, timeless
 from kflift.components.augment import augment
 
 sys.path.insert(0, str(REPO / "engines"))
@@ -56,10 +56,6 @@ def records(out: Path, split: str) -> dict:
     files = sorted(str(p) for p in (out / split).glob("*.tfrecord.gz"))
     parsed = (tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
     return {r["key"].numpy(): (int(r["label"]), r["image"].numpy()) for r in parsed}
-
-
-def timeless(stats: dict) -> dict:
-    return {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second")}
 
 
 def assert_same_output(out: Path, reference: Path):
