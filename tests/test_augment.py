@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import copy_subset, kflift
-from kflift.components.augment import augment, expand_training_record, split_of
+from kflift.components.augment import (Checked, augment, expand_training_record, keep_first, merge_kept,
+                                       split_of)
 from kflift.components.sources import DataError, list_images
 from kflift.pipeline.config import AugmentOps
 from conftest import settings, timeless
@@ -199,6 +200,23 @@ def test_split_of_follows_the_hash_fraction_and_moves_only_across_the_changed_bo
     assert [s == "test" for s in wider] == [s == "test" for s in splits]
     moved = [(a, b) for a, b in zip(splits, wider) if a != b]
     assert moved and set(moved) == {("train", "val")}
+
+
+def test_dedupe_keeps_the_first_path_and_counts_the_rest_however_the_workers_share_the_files():
+    # The dedupe is a combiner: each worker folds its files with keep_first, then merge_kept joins
+    # the workers' dicts, so every way of sharing out the files must give one answer.
+    import functools
+    import itertools
+
+    same, other = "a" * 64, "b" * 64
+    files = [Checked(f"/d/car/{name}.png", "car", sha, False, True)
+             for name, sha in (("3", same), ("1", same), ("2", other), ("4", same))]
+    for order in itertools.permutations(files):
+        for cut in range(len(files) + 1):
+            shares = [functools.reduce(keep_first, order[:cut], {}), functools.reduce(keep_first, order[cut:], {})]
+            assert sorted(merge_kept(shares).values()) == [
+                Checked("/d/car/1.png", "car", same, False, True, duplicates=2),
+                Checked("/d/car/2.png", "car", other, False, True)]
 
 
 def test_augmentation_is_seeded_and_each_op_applies():
