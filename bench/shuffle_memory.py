@@ -70,14 +70,14 @@ def main() -> int:
     # Two workers: each sends its own accumulator per group (a lifted combiner), a dict by hash.
     accumulators = [(prefix, {r.sha256: r for r in group})
                     for half in (records[:n // 2], records[n // 2:]) for prefix, group in by_prefix(half).items()]
-    timed = lambda v: (v, None)  # noqa: E731 - a Reshuffle carries (value, timestamp)
+    stamped = lambda v: (v, None)  # noqa: E731 - a Reshuffle carries (value, timestamp)
     print(f"{'shuffle':<36}{'per image':>10}{'grouped':>10}{'ratio':>8}   (bytes held per image, {n:,} images, "
           f"{len(groups)} groups)")
     for name, per_image, grouped in (
             ("dedupe (GroupByKey / combiner)", held_bytes([(r.sha256, r) for r in records], False),
              held_bytes(accumulators, False, coders.PickleCoder())),
-            ("wait for the graph (Reshuffle)", held_bytes([(random.getrandbits(32), timed(r)) for r in records], True),
-             held_bytes([(random.getrandbits(32), timed(g)) for g in groups.values()], True))):
+            ("wait for the graph (Reshuffle)", held_bytes([(random.getrandbits(32), stamped(r)) for r in records], True),
+             held_bytes([(random.getrandbits(32), stamped(g)) for g in groups.values()], True))):
         print(f"{name:<36}{per_image / n:>10.0f}{grouped / n:>10.0f}{per_image / grouped:>7.2f}x")
     return 0
 

@@ -54,7 +54,12 @@ def keep_first(kept: dict, rec: Checked) -> dict:
 
 def merge_kept(accumulators) -> dict:
     """Several workers' keep_first dicts as one (into the first)."""
-    return functools.reduce(lambda merged, kept: functools.reduce(keep_first, kept.values(), merged), accumulators)
+    accumulators = iter(accumulators)
+    merged = next(accumulators)
+    for kept in accumulators:
+        for rec in kept.values():
+            keep_first(merged, rec)
+    return merged
 
 
 def split_of(sha: str, val_fraction: float, test_fraction: float) -> str:
@@ -340,8 +345,9 @@ def _run_beam(items, work: Path, places: Places, image_size, val_fraction, test_
         if "reason" in rec:
             return beam.pvalue.TaggedOutput("bad", {k: rec[k] for k in ("path", "label", "reason")})
         # Only this small record travels on (the dedupe groups it); the bytes are read again later.
-        return rec["sha256"][:GROUP_PREFIX], Checked(rec["path"], rec["label"], rec["sha256"], rec["converted"],
-                                      rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
+        return rec["sha256"][:GROUP_PREFIX], Checked(
+            rec["path"], rec["label"], rec["sha256"], rec["converted"],
+            rec["format"] in TF_DECODABLE and rec["mode"] in TF_DECODABLE_MODES)
 
     class Dedupe(beam.CombineFn):
         """keep_first as a combiner: each worker dedupes its share first and sends a value per group."""
